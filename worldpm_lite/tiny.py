@@ -1,0 +1,224 @@
+"""The built-in small WorldPM: the instrument for fidelity measurements that run on a CPU.
+
+Same architecture and head as WorldPM-72B, Qwen's full 152064-row vocabulary and tokenizer,
+every linear's input width a multiple of 128 (so GPTQ group size 128 applies), four layers.
+It is trained here with a Bradley-Terry loss on preference pairs built from real ShareGPT
+conversations: chosen = the real first assistant reply; rejected = the reply to another
+conversation, the real reply cut short, or the real reply with its words shuffled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .chat import ENDOFTEXT_ID, build_qwen_tokenizer, encode_conversation, load_tokenizer
+from .checkpoint import WorldPMConfig, write_checkpoint
+from .data import sharegpt_conversations
+from .model import WorldPM
+
+RECIPE_VERSION = 1  # bump when anything below changes what make-tiny builds; cached copies are keyed by it
+
+TINY_CONFIG = WorldPMConfig(
+    hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=512, vocab_size=152064, max_position_embeddings=4096, rope_theta=1_000_000.0,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    pairs: int = 2400  # built from the first conversations that fit max_tokens
+    heldout: int = 400
+    max_tokens: int = 128  # longest encoded conversation kept (prompt + response)
+    steps: int = 300
+    batch_pairs: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    train_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.heldout >= self.pairs:
+            raise ValueError(f"heldout ({self.heldout}) must be smaller than pairs ({self.pairs})")
+        for name in ("pairs", "steps", "batch_pairs", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer")
+
+
+def cache_dir() -> Path:
+    """Where built models are kept: $WORLDPM_LITE_CACHE, else ~/.cache/worldpm-lite."""
+    return Path(os.environ.get("WORLDPM_LITE_CACHE") or Path.home() / ".cache" / "worldpm-lite")
+
+
+def cached_tokenizer_dir() -> Path:
+    path = cache_dir() / "qwen2.5-tokenizer"
+    if not (path / "tokenizer.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tok.", dir=path.parent))
+        build_qwen_tokenizer(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return path
+
+
+def make_pairs(tokenizer, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) pairs; deterministic for a seed."""
+    rng = random.Random(cfg.seed)
+    prompts, replies = [], []
+    for conv in sharegpt_conversations():
+        for turn, answer in zip(conv, conv[1:]):  # every user turn with the reply that follows it
+            prompt, reply = turn["content"], answer["content"]
+            if (turn["role"], answer["role"]) != ("user", "assistant") or len(reply.split()) < 8:
+                continue
+            if len(prompt) + len(reply) > cfg.max_tokens * 5:
+                continue  # cheap length filter before tokenizing
+            prompts.append(prompt)
+            replies.append(reply)
+        if len(prompts) >= cfg.pairs * 3:
+            break
+
+    def encode(prompt, reply):
+        return encode_conversation(tokenizer, [{"role": "user", "content": prompt},
+                                               {"role": "assistant", "content": reply}])
+
+    pairs = []
+    for i in range(len(prompts)):
+        words = replies[i].split()
+        kind = i % 3
+        if kind == 0:  # an on-form but off-topic answer: another conversation's reply
+            j = (i + rng.randrange(1, len(prompts))) % len(prompts)
+            rejected = replies[j]
+        elif kind == 1:  # cut short
+            rejected = " ".join(words[: max(1, int(len(words) * rng.uniform(0.15, 0.5)))])
+        else:  # word salad
+            rng.shuffle(words)
+            rejected = " ".join(words)
+        chosen_ids, rejected_ids = encode(prompts[i], replies[i]), encode(prompts[i], rejected)
+        if max(len(chosen_ids), len(rejected_ids)) <= cfg.max_tokens:
+            pairs.append((chosen_ids, rejected_ids))
+        if len(pairs) >= cfg.pairs:
+            break
+    if len(pairs) < cfg.pairs:
+        raise RuntimeError(f"only {len(pairs)} preference pairs fit {cfg.max_tokens} tokens; asked for {cfg.pairs}")
+    return pairs
+
+
+def batch_scores(model: WorldPM, seqs: list[list[int]]) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), ENDOFTEXT_ID, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+    return model(ids, torch.tensor([len(s) - 1 for s in seqs]))
+
+
+@torch.inference_mode()
+def evaluate(model: WorldPM, pairs) -> dict:
+    chosen, rejected = [], []
+    for k in range(0, len(pairs), 32):
+        part = pairs[k: k + 32]
+        s = batch_scores(model, [c for c, _ in part] + [r for _, r in part])
+        chosen += s[: len(part)].tolist()
+        rejected += s[len(part):].tolist()
+    c, r = torch.tensor(chosen), torch.tensor(rejected)
+    both = torch.cat([c, r])
+    return {"pairwise_accuracy": (c > r).float().mean().item(), "score_std": both.std().item(),
+            "score_min": both.min().item(), "score_max": both.max().item(),
+            "mean_margin": (c - r).mean().item()}
+
+
+def init_weights(model: WorldPM, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.ones_(p)
+        elif name.endswith(".bias"):
+            torch.nn.init.zeros_(p)
+        else:
+            with torch.no_grad():
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def train_tiny(cfg: TrainConfig, tokenizer, log=print) -> tuple[WorldPM, dict]:
+    torch.manual_seed(cfg.seed)
+    pairs = make_pairs(tokenizer, cfg)
+    train, held = pairs[: -cfg.heldout], pairs[-cfg.heldout:]
+    model = WorldPM(TINY_CONFIG)
+    init_weights(model, cfg.seed)
+    model.train()
+    model.model.embed_tokens.weight.requires_grad_(cfg.train_embeddings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    # Batches of pairs of similar length waste little compute on padding.
+    by_len = sorted(train, key=lambda p: max(len(p[0]), len(p[1])))
+    batches = [by_len[k: k + cfg.batch_pairs] for k in range(0, len(by_len) - cfg.batch_pairs + 1, cfg.batch_pairs)]
+    rng = random.Random(cfg.seed + 1)
+    start, losses, order = time.time(), [], []
+    for step in range(cfg.steps):
+        if not order:
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+        batch = batches[order.pop()]
+        s = batch_scores(model, [c for c, _ in batch] + [r for _, r in batch])
+        chosen, rejected = s[: len(batch)], s[len(batch):]
+        # Bradley-Terry loss, plus a small pull towards zero so the scale stays put.
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean() + 1e-3 * (s ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            log(f"  step {step + 1}/{cfg.steps}  loss {sum(losses[-50:]) / len(losses[-50:]):.3f}  "
+                f"{time.time() - start:.0f}s")
+    model.eval()
+    report = {"train_seconds": round(time.time() - start, 1), "train_pairs": len(train),
+              "heldout_pairs": len(held), "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+    return model, report, held
+
+
+def make_tiny(out: str | Path, seed: int = 0, log=print, train_cfg: TrainConfig | None = None) -> dict:
+    """Train the small model and write it (bf16 weights, tokenizer, training report) to `out`."""
+    cfg = train_cfg or TrainConfig(seed=seed)
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists (choose a new directory)")
+    tok_dir = cached_tokenizer_dir()
+    tokenizer = load_tokenizer(tok_dir)
+    log(f"training a {TINY_CONFIG.num_hidden_layers}-layer WorldPM (hidden {TINY_CONFIG.hidden_size}) "
+        f"on {cfg.pairs - cfg.heldout} ShareGPT preference pairs, seed {cfg.seed}")
+    model, report, held = train_tiny(cfg, tokenizer, log)
+    tensors = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
+    # Measure what is saved: the bf16 weights, read back in fp32.
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    report |= {"heldout": evaluate(model, held), "seed": cfg.seed, "recipe_version": RECIPE_VERSION,
+               "train_config": asdict(cfg)}
+    tmp_parent = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        staged = write_checkpoint(tmp_parent / "model", TINY_CONFIG, tensors, extra_config={"torch_dtype": "bfloat16"})
+        for f in tok_dir.iterdir():
+            shutil.copy2(f, staged / f.name)
+        (staged / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmp_parent, ignore_errors=True)
+    return report
+
+
+def tiny_model_dir(seed: int = 0, log=print) -> Path:
+    """The cached small model for a seed, trained on first use (about 3 minutes on 2 cores)."""
+    path = cache_dir() / f"tiny-worldpm-r{RECIPE_VERSION}-seed{seed}"
+    if not (path / "config.json").exists():
+        log(f"building the small model once into {path}")
+        make_tiny(path, seed=seed, log=log)
+    return path
