@@ -19,7 +19,7 @@ def test_saved_model_reproduces_reported_heldout_accuracy(tiny_dir):
     cfg = TrainConfig(**report["train_config"])
     held = make_pairs(load_tokenizer(tiny_dir), cfg)[-cfg.heldout:]
     scorer = Scorer.from_pretrained(tiny_dir)
-    scores = scorer.score_ids([ids for pair in held for ids in pair])
+    scores = scorer.score_ids([ids for chosen, rejected, _ in held for ids in (chosen, rejected)])
     acc = sum(scores[2 * k] > scores[2 * k + 1] for k in range(len(held))) / len(held)
     assert abs(acc - report["heldout"]["pairwise_accuracy"]) < 0.01
 

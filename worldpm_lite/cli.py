@@ -116,6 +116,8 @@ def cmd_make_tiny(args):
     print(f"wrote {args.out}: held-out pairwise accuracy {h['pairwise_accuracy']:.3f} on {report['heldout_pairs']} "
           f"pairs, score std {h['score_std']:.3f}, range [{h['score_min']:.2f}, {h['score_max']:.2f}], "
           f"trained in {report['train_seconds']:.0f}s")
+    print("  accuracy by kind of rejected reply: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in h["accuracy_by_kind"].items()))
 
 
 def cmd_demo(args):

@@ -14,6 +14,8 @@ from .data import with_response
 from .model import WorldPM, load_model
 
 TRUNCATION = ("error", "left")
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 class ConversationTooLong(ValueError):
@@ -93,8 +95,9 @@ class Scorer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(dtype, str):
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+            if dtype not in DTYPE_NAMES:
+                raise ValueError(f"dtype: expected one of {sorted(DTYPE_NAMES)}, found {dtype!r}")
+            dtype = DTYPE_NAMES[dtype]
         if dtype is None:
             dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
         ckpt = Checkpoint(path)

@@ -25,7 +25,7 @@ from .checkpoint import WorldPMConfig, write_checkpoint
 from .data import sharegpt_conversations
 from .model import WorldPM
 
-RECIPE_VERSION = 1  # bump when anything below changes what make-tiny builds; cached copies are keyed by it
+RECIPE_VERSION = 2  # bump when anything below changes what make-tiny builds; cached copies are keyed by it
 
 TINY_CONFIG = WorldPMConfig(
     hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -36,8 +36,8 @@ TINY_CONFIG = WorldPMConfig(
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    pairs: int = 2400  # built from the first conversations that fit max_tokens
-    heldout: int = 400
+    pairs: int = 4800  # built from the first conversations that fit max_tokens
+    heldout: int = 500
     max_tokens: int = 128  # longest encoded conversation kept (prompt + response)
     steps: int = 300
     batch_pairs: int = 16
@@ -69,8 +69,11 @@ def cached_tokenizer_dir() -> Path:
     return path
 
 
-def make_pairs(tokenizer, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]:
-    """(chosen ids, rejected ids) pairs; deterministic for a seed."""
+REJECTION_KINDS = ("other_reply", "cut_short", "shuffled")
+
+
+def make_pairs(tokenizer, cfg: TrainConfig) -> list[tuple[list[int], list[int], str]]:
+    """(chosen ids, rejected ids, rejection kind) triples; deterministic for a seed."""
     rng = random.Random(cfg.seed)
     prompts, replies = [], []
     for conv in sharegpt_conversations():
@@ -103,7 +106,7 @@ def make_pairs(tokenizer, cfg: TrainConfig) -> list[tuple[list[int], list[int]]]
             rejected = " ".join(words)
         chosen_ids, rejected_ids = encode(prompts[i], replies[i]), encode(prompts[i], rejected)
         if max(len(chosen_ids), len(rejected_ids)) <= cfg.max_tokens:
-            pairs.append((chosen_ids, rejected_ids))
+            pairs.append((chosen_ids, rejected_ids, REJECTION_KINDS[kind]))
         if len(pairs) >= cfg.pairs:
             break
     if len(pairs) < cfg.pairs:
@@ -121,16 +124,19 @@ def batch_scores(model: WorldPM, seqs: list[list[int]]) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate(model: WorldPM, pairs) -> dict:
+    """Held-out pairwise accuracy (overall and per rejection kind) and the spread of scores."""
     chosen, rejected = [], []
     for k in range(0, len(pairs), 32):
         part = pairs[k: k + 32]
-        s = batch_scores(model, [c for c, _ in part] + [r for _, r in part])
+        s = batch_scores(model, [p[0] for p in part] + [p[1] for p in part])
         chosen += s[: len(part)].tolist()
         rejected += s[len(part):].tolist()
     c, r = torch.tensor(chosen), torch.tensor(rejected)
     both = torch.cat([c, r])
-    return {"pairwise_accuracy": (c > r).float().mean().item(), "score_std": both.std().item(),
-            "score_min": both.min().item(), "score_max": both.max().item(),
+    wins = c > r
+    by_kind = {kind: round(wins[[p[2] == kind for p in pairs]].float().mean().item(), 4) for kind in REJECTION_KINDS}
+    return {"pairwise_accuracy": wins.float().mean().item(), "accuracy_by_kind": by_kind,
+            "score_std": both.std().item(), "score_min": both.min().item(), "score_max": both.max().item(),
             "mean_margin": (c - r).mean().item()}
 
 
@@ -146,17 +152,24 @@ def init_weights(model: WorldPM, seed: int):
                 p.normal_(0.0, 0.02, generator=gen)
 
 
-def train_tiny(cfg: TrainConfig, tokenizer, log=print) -> tuple[WorldPM, dict]:
+def train_tiny(cfg: TrainConfig, tokenizer, log=print) -> tuple[WorldPM, dict, list]:
+    """Train from scratch; returns the model, a report and the held-out pairs."""
     torch.manual_seed(cfg.seed)
     pairs = make_pairs(tokenizer, cfg)
     train, held = pairs[: -cfg.heldout], pairs[-cfg.heldout:]
     model = WorldPM(TINY_CONFIG)
     init_weights(model, cfg.seed)
     model.train()
-    model.model.embed_tokens.weight.requires_grad_(cfg.train_embeddings)
-    params = [p for p in model.parameters() if p.requires_grad]
+    emb = model.model.embed_tokens
+    emb.weight.requires_grad_(cfg.train_embeddings)
+    emb.sparse = True  # a batch touches a few thousand of the 152064 rows: update only those
+    params = [p for n, p in model.named_parameters() if p.requires_grad and n != "model.embed_tokens.weight"]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    opts = [opt]
+    if cfg.train_embeddings:
+        opts.append(torch.optim.SparseAdam([emb.weight], lr=cfg.lr, betas=(0.9, 0.98)))
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+              for o in opts]
     # Batches of pairs of similar length waste little compute on padding.
     by_len = sorted(train, key=lambda p: max(len(p[0]), len(p[1])))
     batches = [by_len[k: k + cfg.batch_pairs] for k in range(0, len(by_len) - cfg.batch_pairs + 1, cfg.batch_pairs)]
@@ -167,19 +180,22 @@ def train_tiny(cfg: TrainConfig, tokenizer, log=print) -> tuple[WorldPM, dict]:
             order = list(range(len(batches)))
             rng.shuffle(order)
         batch = batches[order.pop()]
-        s = batch_scores(model, [c for c, _ in batch] + [r for _, r in batch])
+        s = batch_scores(model, [p[0] for p in batch] + [p[1] for p in batch])
         chosen, rejected = s[: len(batch)], s[len(batch):]
         # Bradley-Terry loss, plus a small pull towards zero so the scale stays put.
         loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean() + 1e-3 * (s ** 2).mean()
-        opt.zero_grad(set_to_none=True)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        for o, sched in zip(opts, scheds):
+            o.step()
+            sched.step()
         losses.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
             log(f"  step {step + 1}/{cfg.steps}  loss {sum(losses[-50:]) / len(losses[-50:]):.3f}  "
                 f"{time.time() - start:.0f}s")
+    emb.sparse = False
     model.eval()
     report = {"train_seconds": round(time.time() - start, 1), "train_pairs": len(train),
               "heldout_pairs": len(held), "final_loss": sum(losses[-50:]) / len(losses[-50:])}
@@ -202,13 +218,13 @@ def make_tiny(out: str | Path, seed: int = 0, log=print, train_cfg: TrainConfig 
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     report |= {"heldout": evaluate(model, held), "seed": cfg.seed, "recipe_version": RECIPE_VERSION,
                "train_config": asdict(cfg)}
-    tmp_parent = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_parent = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         staged = write_checkpoint(tmp_parent / "model", TINY_CONFIG, tensors, extra_config={"torch_dtype": "bfloat16"})
         for f in tok_dir.iterdir():
             shutil.copy2(f, staged / f.name)
         (staged / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, out)
     finally:
         shutil.rmtree(tmp_parent, ignore_errors=True)
