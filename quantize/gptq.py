@@ -1,0 +1,176 @@
+"""GPTQ core as pure functions (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization
+for Generative Pre-trained Transformers"). Imports nothing of worldpm_lite.
+
+Conventions: a weight is [out, in] (nn.Linear). Quantization is per output row and per group of
+`group_size` input columns: w ~ (q - zero) * scale with q in [0, 2^bits - 1]. Scales and zeros
+are [n_groups, out]; `g_idx[i]` is the group of input column i (not monotone under act-order).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 4
+    group_size: int = 128  # -1: one group per row (per-channel)
+    sym: bool = True
+    act_order: bool = False  # desc_act: quantize columns in order of decreasing Hessian diagonal
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal (GPTQ section 4, "Cholesky Reformulation")
+    block_size: int = 128  # columns per lazy batch (section 4, "Lazy Batch-Updates")
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"bits: expected one of {BITS}, found {self.bits}")
+        if self.group_size != -1 and (self.group_size < 1 or self.group_size % 32):
+            raise ValueError(f"group_size: expected -1 or a positive multiple of 32, found {self.group_size}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp: expected a fraction in (0, 1), found {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size: expected a positive integer, found {self.block_size}")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def groups(self, in_features: int) -> int:
+        g = in_features if self.group_size == -1 else self.group_size
+        if in_features % g:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {g}")
+        return in_features // g
+
+
+@dataclass
+class QuantizedWeight:
+    q: torch.Tensor  # [out, in] int32 levels in [0, maxq], columns in original order
+    scales: torch.Tensor  # [n_groups, out] fp32
+    zeros: torch.Tensor  # [n_groups, out] int32 (the level that dequantizes to 0)
+    g_idx: torch.Tensor  # [in] int32 group of each input column
+
+    def dequantize(self) -> torch.Tensor:
+        """[out, in] fp32."""
+        return dequantize(self.q, self.scales[self.g_idx.long()].T, self.zeros[self.g_idx.long()].T)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Levels of w: clamp(round(w / scale) + zero, 0, maxq). Shapes broadcast; returns int32."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(q - zero) * scale, in fp32. Mirrors `quantize`."""
+    return (q.float() - zero.float()) * scale.float()
+
+
+def find_params(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row min/max grid for w [rows, cols] -> (scale [rows, 1] fp32, zero [rows, 1] fp32 integral)."""
+    w = w.float()
+    lo = torch.minimum(w.min(dim=1, keepdim=True).values, torch.zeros(1, device=w.device))
+    hi = torch.maximum(w.max(dim=1, keepdim=True).values, torch.zeros(1, device=w.device))
+    if cfg.sym:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = -hi
+    dead = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(dead, -1.0, lo), torch.where(dead, 1.0, hi)
+    scale = (hi - lo) / cfg.maxq
+    zero = torch.full_like(scale, (cfg.maxq + 1) / 2) if cfg.sym else torch.round(-lo / scale)
+    return scale, zero
+
+
+def hessian_init(in_features: int, device=None) -> torch.Tensor:
+    """Empty fp32 Hessian sum [in, in]."""
+    return torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+
+def hessian_add(h_sum: torch.Tensor, x: torch.Tensor) -> int:
+    """Add the inputs x [..., in] of a linear layer into h_sum in place: H += 2 X^T X (fp32).
+    Returns the number of rows added; H = h_sum / rows over all calls."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    h_sum.addmm_(x.T, x, alpha=2.0)
+    return x.shape[0]
+
+
+def _group_of_columns(cfg: QuantConfig, in_features: int, perm: torch.Tensor | None) -> torch.Tensor:
+    """g_idx: group of each input column. Under act-order, groups follow the quantization order."""
+    size = in_features if cfg.group_size == -1 else cfg.group_size
+    order_group = torch.arange(in_features, dtype=torch.int32) // size
+    if perm is None:
+        return order_group
+    g_idx = torch.empty(in_features, dtype=torch.int32)
+    g_idx[perm.cpu()] = order_group
+    return g_idx
+
+
+def rtn(w: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+    """Round-to-nearest on the same grid as GPTQ (no Hessian): the baseline and the fallback."""
+    out, n = w.shape
+    groups = cfg.groups(n)
+    wg = w.float().reshape(out, groups, n // groups).transpose(0, 1).reshape(groups * out, n // groups)
+    scale, zero = find_params(wg, cfg)  # [groups*out, 1]
+    q = quantize(wg, scale, zero, cfg.maxq).reshape(groups, out, n // groups).transpose(0, 1).reshape(out, n)
+    return QuantizedWeight(q, scale.reshape(groups, out), zero.reshape(groups, out).to(torch.int32),
+                           _group_of_columns(cfg, n, None).to(w.device))
+
+
+def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name: str = "layer") -> QuantizedWeight:
+    """Quantize w [out, in] with the Hessian sum of its inputs (h_sum over `rows` rows).
+
+    Falls back to RTN, with a warning naming the layer, when H is not positive definite even
+    after damping. Works on w's device; w is not modified.
+    """
+    out, n = w.shape
+    cfg.groups(n)
+    W = w.float().clone()
+    H = h_sum.float() / max(rows, 1)
+    dead = torch.diag(H) == 0  # inputs that were always zero: any value works, fix them to 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = None
+    if cfg.act_order:  # section 4 / reference implementation: largest diag(H) first
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H += cfg.damp * torch.mean(torch.diag(H)) * torch.eye(n, device=H.device)
+    try:  # Hinv's upper Cholesky factor: the rows needed by the column loop (section 4)
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except torch.linalg.LinAlgError:
+        warnings.warn(f"{name}: Hessian not positive definite after damping; using round-to-nearest",
+                      stacklevel=2)
+        return rtn(w, cfg)
+    if torch.isnan(Hinv).any():
+        warnings.warn(f"{name}: Hessian inverse has NaN; using round-to-nearest", stacklevel=2)
+        return rtn(w, cfg)
+
+    size = n if cfg.group_size == -1 else cfg.group_size
+    groups = n // size
+    Q = torch.zeros_like(W, dtype=torch.int32)
+    scales = torch.zeros(groups, out, device=W.device)
+    zeros = torch.zeros(groups, out, device=W.device)
+    scale = zero = None
+    for i1 in range(0, n, cfg.block_size):  # lazy batch of columns
+        i2 = min(i1 + cfg.block_size, n)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=W.device)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = i1 + j
+            if col % size == 0:  # a new group: its grid comes from the updated, not yet quantized weights
+                scale, zero = find_params(torch.cat([W1[:, j:], W[:, i2:]], dim=1)[:, :size], cfg)
+                scales[col // size], zeros[col // size] = scale[:, 0], zero[:, 0]
+            wcol = W1[:, j]
+            q = quantize(wcol.unsqueeze(1), scale, zero, cfg.maxq)
+            Q[:, col] = q[:, 0]
+            err = (wcol - dequantize(q, scale, zero)[:, 0]) / Hinv1[j, j]
+            W1[:, j:] -= err.unsqueeze(1) * Hinv1[j, j:].unsqueeze(0)  # OBS update of the rest of the block
+            Err1[:, j] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # deferred update of all later columns
+    g_idx = _group_of_columns(cfg, n, perm).to(W.device)
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return QuantizedWeight(Q, scales, zeros.to(torch.int32), g_idx)
