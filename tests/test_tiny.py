@@ -4,7 +4,7 @@ import json
 
 from worldpm_lite.cli import main
 from worldpm_lite.scorer import Scorer
-from worldpm_lite.tiny import TrainConfig, load_tokenizer, make_pairs
+from worldpm_lite.tiny import heldout_pairs
 
 
 def test_tiny_model_beats_chance_with_spread(tiny_dir):
@@ -16,10 +16,13 @@ def test_tiny_model_beats_chance_with_spread(tiny_dir):
 def test_saved_model_reproduces_reported_heldout_accuracy(tiny_dir):
     """Score the held-out pairs through the public Scorer: same accuracy as the training report."""
     report = json.loads((tiny_dir / "training_report.json").read_text())
-    cfg = TrainConfig(**report["train_config"])
-    held = make_pairs(load_tokenizer(tiny_dir), cfg)[-cfg.heldout:]
+    held = heldout_pairs(tiny_dir)
+    assert len(held) == report["heldout_pairs"]
     scorer = Scorer.from_pretrained(tiny_dir)
-    scores = scorer.score_ids([ids for chosen, rejected, _ in held for ids in (chosen, rejected)])
+    assert [p.chosen_ids for p in held[:5]] == scorer.encode([[{"role": "user", "content": p.prompt},
+                                                                {"role": "assistant", "content": p.chosen}]
+                                                               for p in held[:5]])
+    scores = scorer.score_ids([ids for p in held for ids in (p.chosen_ids, p.rejected_ids)])
     acc = sum(scores[2 * k] > scores[2 * k + 1] for k in range(len(held))) / len(held)
     assert abs(acc - report["heldout"]["pairwise_accuracy"]) < 0.01
 

@@ -72,8 +72,32 @@ def cached_tokenizer_dir() -> Path:
 REJECTION_KINDS = ("other_reply", "cut_short", "shuffled")
 
 
-def make_pairs(tokenizer, cfg: TrainConfig) -> list[tuple[list[int], list[int], str]]:
-    """(chosen ids, rejected ids, rejection kind) triples; deterministic for a seed."""
+def rejected_reply(kind: str, reply: str, other_reply: str, rng: random.Random) -> str:
+    """A worse reply made from a real one: another conversation's reply (on-form but off-topic),
+    the reply cut short, or its words shuffled."""
+    words = reply.split()
+    if kind == "other_reply":
+        return other_reply
+    if kind == "cut_short":
+        return " ".join(words[: max(1, int(len(words) * rng.uniform(0.15, 0.5)))])
+    if kind == "shuffled":
+        rng.shuffle(words)
+        return " ".join(words)
+    raise ValueError(f"kind: expected one of {REJECTION_KINDS}, found {kind!r}")
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    kind: str  # one of REJECTION_KINDS
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def make_pairs(tokenizer, cfg: TrainConfig) -> list[Pair]:
+    """Preference pairs from ShareGPT, deterministic for a seed; the last cfg.heldout are held out."""
     rng = random.Random(cfg.seed)
     prompts, replies = [], []
     for conv in sharegpt_conversations():
@@ -94,19 +118,12 @@ def make_pairs(tokenizer, cfg: TrainConfig) -> list[tuple[list[int], list[int], 
 
     pairs = []
     for i in range(len(prompts)):
-        words = replies[i].split()
-        kind = i % 3
-        if kind == 0:  # an on-form but off-topic answer: another conversation's reply
-            j = (i + rng.randrange(1, len(prompts))) % len(prompts)
-            rejected = replies[j]
-        elif kind == 1:  # cut short
-            rejected = " ".join(words[: max(1, int(len(words) * rng.uniform(0.15, 0.5)))])
-        else:  # word salad
-            rng.shuffle(words)
-            rejected = " ".join(words)
+        kind = REJECTION_KINDS[i % 3]
+        other = replies[(i + rng.randrange(1, len(prompts))) % len(prompts)] if kind == "other_reply" else ""
+        rejected = rejected_reply(kind, replies[i], other, rng)
         chosen_ids, rejected_ids = encode(prompts[i], replies[i]), encode(prompts[i], rejected)
         if max(len(chosen_ids), len(rejected_ids)) <= cfg.max_tokens:
-            pairs.append((chosen_ids, rejected_ids, REJECTION_KINDS[kind]))
+            pairs.append(Pair(prompts[i], replies[i], rejected, kind, chosen_ids, rejected_ids))
         if len(pairs) >= cfg.pairs:
             break
     if len(pairs) < cfg.pairs:
@@ -128,13 +145,13 @@ def evaluate(model: WorldPM, pairs) -> dict:
     chosen, rejected = [], []
     for k in range(0, len(pairs), 32):
         part = pairs[k: k + 32]
-        s = batch_scores(model, [p[0] for p in part] + [p[1] for p in part])
+        s = batch_scores(model, [p.chosen_ids for p in part] + [p.rejected_ids for p in part])
         chosen += s[: len(part)].tolist()
         rejected += s[len(part):].tolist()
     c, r = torch.tensor(chosen), torch.tensor(rejected)
     both = torch.cat([c, r])
     wins = c > r
-    by_kind = {kind: round(wins[[p[2] == kind for p in pairs]].float().mean().item(), 4) for kind in REJECTION_KINDS}
+    by_kind = {kind: round(wins[[p.kind == kind for p in pairs]].float().mean().item(), 4) for kind in REJECTION_KINDS}
     return {"pairwise_accuracy": wins.float().mean().item(), "accuracy_by_kind": by_kind,
             "score_std": both.std().item(), "score_min": both.min().item(), "score_max": both.max().item(),
             "mean_margin": (c - r).mean().item()}
@@ -171,7 +188,7 @@ def train_tiny(cfg: TrainConfig, tokenizer, log=print) -> tuple[WorldPM, dict, l
     scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
               for o in opts]
     # Batches of pairs of similar length waste little compute on padding.
-    by_len = sorted(train, key=lambda p: max(len(p[0]), len(p[1])))
+    by_len = sorted(train, key=lambda p: max(len(p.chosen_ids), len(p.rejected_ids)))
     batches = [by_len[k: k + cfg.batch_pairs] for k in range(0, len(by_len) - cfg.batch_pairs + 1, cfg.batch_pairs)]
     rng = random.Random(cfg.seed + 1)
     start, losses, order = time.time(), [], []
@@ -180,7 +197,7 @@ def train_tiny(cfg: TrainConfig, tokenizer, log=print) -> tuple[WorldPM, dict, l
             order = list(range(len(batches)))
             rng.shuffle(order)
         batch = batches[order.pop()]
-        s = batch_scores(model, [p[0] for p in batch] + [p[1] for p in batch])
+        s = batch_scores(model, [p.chosen_ids for p in batch] + [p.rejected_ids for p in batch])
         chosen, rejected = s[: len(batch)], s[len(batch):]
         # Bradley-Terry loss, plus a small pull towards zero so the scale stays put.
         loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean() + 1e-3 * (s ** 2).mean()
@@ -200,6 +217,13 @@ def train_tiny(cfg: TrainConfig, tokenizer, log=print) -> tuple[WorldPM, dict, l
     report = {"train_seconds": round(time.time() - start, 1), "train_pairs": len(train),
               "heldout_pairs": len(held), "final_loss": sum(losses[-50:]) / len(losses[-50:])}
     return model, report, held
+
+
+def heldout_pairs(model_dir: str | Path) -> list[Pair]:
+    """The held-out pairs of a small model built by make_tiny (from its training report)."""
+    report = json.loads((Path(model_dir) / "training_report.json").read_text())
+    cfg = TrainConfig(**report["train_config"])
+    return make_pairs(load_tokenizer(model_dir), cfg)[-cfg.heldout:]
 
 
 def make_tiny(out: str | Path, seed: int = 0, log=print, train_cfg: TrainConfig | None = None) -> dict:
