@@ -76,6 +76,15 @@ def test_selfcheck_small_model_prints_scores(small_dir, capsys):
     assert re.search(r"README pair scores: \[-?\d+\.\d+, -?\d+\.\d+\]", out) and "not WorldPM-72B-shaped" in out
 
 
+def test_published_check_for_72b():
+    from worldpm_lite.cli import PUBLISHED_72B, matches_published
+
+    assert matches_published(PUBLISHED_72B, 0.06)[0]
+    assert matches_published([0.66, -1.60], 0.06)[0]  # bf16 noise on other hardware
+    assert not matches_published([0.75, -1.64], 0.06)[0]  # a different model
+    assert not matches_published([-1.64, 0.63], 5.0)[0]  # order flipped: never a pass
+
+
 def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "worldpm_lite", "score", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and '"chosen"' in res.stdout and "--truncate" in res.stdout

@@ -31,3 +31,20 @@ def test_demo_runs_offline(tiny_dir, capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "WorldPM README pair" in out and "real reply preferred in" in out
+
+
+def test_make_tiny_cli_is_deterministic_and_refuses_existing(tmp_path, capsys):
+    args = ["--seed", "3", "--steps", "3", "--pairs", "96", "--heldout", "32"]
+    for name in ("a", "b"):
+        assert main(["make-tiny", str(tmp_path / name), *args]) == 0
+    assert "held-out pairwise accuracy" in capsys.readouterr().out
+    a, b = (tmp_path / n / "model.safetensors" for n in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+    report = json.loads((tmp_path / "a" / "training_report.json").read_text())
+    assert report["train_config"]["steps"] == 3 and report["heldout_pairs"] == 32
+    Scorer.from_pretrained(tmp_path / "a")  # a complete, loadable checkpoint with its tokenizer
+    assert main(["make-tiny", str(tmp_path / "a"), *args]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["make-tiny", str(tmp_path / "c"), "--pairs", "10", "--heldout", "20"]) == 2
+    assert "heldout (20) must be smaller than pairs (10)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no half-written directories

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .chat import ConversationError
 from .checkpoint import CheckpointError
+from .tiny import TrainConfig
 
 # The two conversations from WorldPM's README and the scores the bf16 base model gives them.
 README_PAIR = [
@@ -97,10 +98,10 @@ def cmd_selfcheck(args):
     if not is_72b or args.no_reference:
         print("not WorldPM-72B-shaped: no published scores to compare with" if not is_72b else "comparison skipped")
         return 0
-    diffs = [abs(a - b) for a, b in zip(scores, PUBLISHED_72B)]
+    ok, diffs = matches_published(scores, args.atol)
     print(f"published (WorldPM-72B, bf16): {PUBLISHED_72B}")
     print(f"abs difference: [{diffs[0]:.4f}, {diffs[1]:.4f}]  tolerance {args.atol}")
-    if max(diffs) <= args.atol and scores[0] > scores[1]:
+    if ok:
         print("selfcheck passed")
         return 0
     print("selfcheck FAILED: scores differ from the published WorldPM-72B values. A fine-tuned variant "
@@ -108,10 +109,17 @@ def cmd_selfcheck(args):
     return 1
 
 
+def matches_published(scores: list[float], atol: float) -> tuple[bool, list[float]]:
+    """Both README scores within atol of WorldPM-72B's published ones, in the same order."""
+    diffs = [abs(a - b) for a, b in zip(scores, PUBLISHED_72B)]
+    return max(diffs) <= atol and scores[0] > scores[1], diffs
+
+
 def cmd_make_tiny(args):
     from .tiny import make_tiny
 
-    report = make_tiny(args.out, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, pairs=args.pairs, heldout=args.heldout)
+    report = make_tiny(args.out, log=lambda m: print(m, file=sys.stderr), train_cfg=cfg)
     h = report["heldout"]
     print(f"wrote {args.out}: held-out pairwise accuracy {h['pairwise_accuracy']:.3f} on {report['heldout_pairs']} "
           f"pairs, score std {h['score_std']:.3f}, range [{h['score_min']:.2f}, {h['score_max']:.2f}], "
@@ -165,7 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny", help="train the small WorldPM-architecture model (about 3 minutes on 2 cores)")
     p.add_argument("out", help="new directory to write")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same data order and weights (default: 0)")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps,
+                   help=f"optimizer steps (default: {TrainConfig.steps})")
+    p.add_argument("--pairs", type=int, default=TrainConfig.pairs,
+                   help=f"preference pairs built from ShareGPT (default: {TrainConfig.pairs})")
+    p.add_argument("--heldout", type=int, default=TrainConfig.heldout,
+                   help=f"of those, held out for the accuracy report (default: {TrainConfig.heldout})")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("demo", help="the whole path on the built-in small model, offline, on the CPU")
