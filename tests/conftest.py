@@ -34,3 +34,11 @@ def small_dir(tmp_path_factory, small_state):
 def tiny_dir():
     """The trained small model (built once per cache, about 3 minutes)."""
     return tiny_model_dir(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_heldout(tiny_dir):
+    """The small model's held-out preference pairs (rebuilding them takes about 10 s)."""
+    from worldpm_lite.tiny import heldout_pairs
+
+    return heldout_pairs(tiny_dir)

@@ -4,7 +4,6 @@ import json
 
 from worldpm_lite.cli import main
 from worldpm_lite.scorer import Scorer
-from worldpm_lite.tiny import heldout_pairs
 
 
 def test_tiny_model_beats_chance_with_spread(tiny_dir):
@@ -13,10 +12,10 @@ def test_tiny_model_beats_chance_with_spread(tiny_dir):
     assert report["heldout"]["score_std"] >= 0.5
 
 
-def test_saved_model_reproduces_reported_heldout_accuracy(tiny_dir):
+def test_saved_model_reproduces_reported_heldout_accuracy(tiny_dir, tiny_heldout):
     """Score the held-out pairs through the public Scorer: same accuracy as the training report."""
     report = json.loads((tiny_dir / "training_report.json").read_text())
-    held = heldout_pairs(tiny_dir)
+    held = tiny_heldout
     assert len(held) == report["heldout_pairs"]
     scorer = Scorer.from_pretrained(tiny_dir)
     assert [p.chosen_ids for p in held[:5]] == scorer.encode([[{"role": "user", "content": p.prompt},

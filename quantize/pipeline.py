@@ -1,0 +1,127 @@
+"""Streaming GPTQ over a WorldPM checkpoint: one decoder layer in memory at a time.
+
+For each layer: load only its tensors (mmap), then for each sequential group of linears
+(q/k/v -> o -> gate/up -> down) run the calibration activations through the layer collecting
+the group's input Hessian, GPTQ the group and put the quantized weights back, so each group
+sees the inputs the already-quantized groups before it produce. One last pass with every
+weight quantized makes the next layer's inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .gptq import QuantConfig, QuantizedWeight, gptq, hessian_add, hessian_init, rtn
+
+# Qwen2 decoder layer, as data: groups quantized in order; the linears of a group share one input.
+LAYER_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclass
+class LinearReport:
+    name: str
+    gptq_error: float  # mean squared output error per element on the calibration inputs
+    rtn_error: float  # the same for round-to-nearest on the same grid
+    seconds: float
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h_mean: torch.Tensor) -> float:
+    """Mean over calibration rows and outputs of (x.(w - w_hat))^2, from H = 2 X^T X / rows."""
+    d = (w.float() - w_hat.float())
+    return ((d @ h_mean) * d).sum().item() / (2 * w.shape[0])
+
+
+def run_layer(layer, inputs: list[torch.Tensor], rope: Callable) -> list[torch.Tensor]:
+    """inputs: one [1, T, h] tensor per calibration sequence (no padding: each runs alone)."""
+    outs = []
+    for x in inputs:
+        pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        outs.append(layer(x, attention_mask=None, position_ids=pos, position_embeddings=rope(x, pos)))
+    return outs
+
+
+def input_hessian(layer, linear, inputs: list[torch.Tensor], rope: Callable) -> tuple[torch.Tensor, int]:
+    """Hessian sum of `linear`'s inputs while the calibration runs through `layer`, and the row count."""
+    h_sum, rows = hessian_init(linear.in_features, device=linear.weight.device), [0]
+
+    def collect(_module, args):
+        rows[0] += hessian_add(h_sum, args[0])
+
+    handle = linear.register_forward_pre_hook(collect)
+    try:
+        run_layer(layer, inputs, rope)
+    finally:
+        handle.remove()
+    return h_sum, rows[0]
+
+
+@torch.no_grad()
+def quantize_layer(layer, inputs: list[torch.Tensor], rope: Callable, cfg: QuantConfig,
+                   prefix: str = "", rtn_only: bool = False) -> tuple[dict[str, QuantizedWeight], list[LinearReport]]:
+    """GPTQ every linear of one decoder layer in place (weights replaced by their dequantized
+    values) and return the quantized weights by name and a report per linear."""
+    quantized, reports = {}, []
+    for group in LAYER_GROUPS:
+        h_sum, rows = input_hessian(layer, layer.get_submodule(group[0]), inputs, rope)
+        h_mean = h_sum / max(rows, 1)
+        for name in group:
+            start = time.time()
+            lin = layer.get_submodule(name)
+            w = lin.weight.data
+            base = rtn(w, cfg)
+            q = base if rtn_only else gptq(w, h_sum, rows, cfg, name=prefix + name)
+            w_hat = q.dequantize()
+            reports.append(LinearReport(prefix + name, output_error(w, w_hat, h_mean),
+                                        output_error(w, base.dequantize(), h_mean), time.time() - start))
+            lin.weight.data = w_hat.to(w.dtype)
+            quantized[name] = q
+    return quantized, reports
+
+
+def load_layer(ckpt, index: int, dtype=torch.float32, device="cpu"):
+    """Decoder layer `index` with only its own tensors read from the checkpoint."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    prefix = f"model.layers.{index}."
+    with torch.device("meta"):
+        layer = Qwen2DecoderLayer(ckpt.config.to_qwen2(), index)
+    state = {n.removeprefix(prefix): ckpt.tensor(n).to(device=device, dtype=dtype)
+             for n in ckpt.names() if n.startswith(prefix)}
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.eval()
+
+
+def make_rope(ckpt, device="cpu") -> Callable:
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    with torch.device(device):
+        rotary = Qwen2RotaryEmbedding(ckpt.config.to_qwen2())
+    return rotary
+
+
+@torch.no_grad()
+def stream_layers(ckpt, calibration: list[list[int]], cfg: QuantConfig, device="cpu", rtn_only: bool = False):
+    """Quantize the decoder of `ckpt` layer by layer on calibration token ids.
+
+    Yields (layer index, {linear name: QuantizedWeight}, [LinearReport], the layer with its
+    quantized weights in place). Holds one layer and the calibration activations at a time.
+    """
+    emb = ckpt.tensor("model.embed_tokens.weight")
+    hidden = [emb[torch.tensor(ids)].float().unsqueeze(0).to(device) for ids in calibration]  # [1, T, h] each
+    del emb
+    rope = make_rope(ckpt, device)
+    for i in range(ckpt.config.num_hidden_layers):
+        layer = load_layer(ckpt, i, device=device)
+        quantized, reports = quantize_layer(layer, hidden, rope, cfg, prefix=f"model.layers.{i}.", rtn_only=rtn_only)
+        hidden = run_layer(layer, hidden, rope)  # the next layer's inputs, made by the quantized layer
+        yield i, quantized, reports, layer
+        del layer
