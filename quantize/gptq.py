@@ -78,7 +78,9 @@ def find_params(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.
         lo = -hi
     dead = (lo == 0) & (hi == 0)
     lo, hi = torch.where(dead, -1.0, lo), torch.where(dead, 1.0, hi)
-    scale = (hi - lo) / cfg.maxq
+    # Rounded to fp16 now: the checkpoint stores fp16 scales, so quantization uses exactly the grid
+    # that will be dequantized later.
+    scale = ((hi - lo) / cfg.maxq).half().float()
     zero = torch.full_like(scale, (cfg.maxq + 1) / 2) if cfg.sym else torch.round(-lo / scale)
     return scale, zero
 

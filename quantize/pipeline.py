@@ -41,11 +41,14 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h_mean: torch.Tensor) -> 
 
 
 def run_layer(layer, inputs: list[torch.Tensor], rope: Callable) -> list[torch.Tensor]:
-    """inputs: one [1, T, h] tensor per calibration sequence (no padding: each runs alone)."""
+    """inputs: one [1, T, h] tensor per calibration sequence (no padding: each runs alone), kept
+    where they are (the host); each runs on the layer's device."""
+    dev = layer.input_layernorm.weight.device
     outs = []
     for x in inputs:
-        pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        outs.append(layer(x, attention_mask=None, position_ids=pos, position_embeddings=rope(x, pos)))
+        xd = x.to(dev)
+        pos = torch.arange(x.shape[1], device=dev).unsqueeze(0)
+        outs.append(layer(xd, attention_mask=None, position_ids=pos, position_embeddings=rope(xd, pos)).to(x.device))
     return outs
 
 
@@ -108,16 +111,20 @@ def make_rope(ckpt, device="cpu") -> Callable:
     return rotary
 
 
+def embed(ckpt, calibration: list[list[int]]) -> list[torch.Tensor]:
+    """Calibration token ids -> one fp32 [1, T, h] tensor each, on the host."""
+    emb = ckpt.tensor("model.embed_tokens.weight")
+    return [emb[torch.tensor(ids)].float().unsqueeze(0) for ids in calibration]
+
+
 @torch.no_grad()
 def stream_layers(ckpt, calibration: list[list[int]], cfg: QuantConfig, device="cpu", rtn_only: bool = False):
-    """Quantize the decoder of `ckpt` layer by layer on calibration token ids.
+    """Quantize the decoder of `ckpt` layer by layer on calibration token ids, in memory.
 
     Yields (layer index, {linear name: QuantizedWeight}, [LinearReport], the layer with its
     quantized weights in place). Holds one layer and the calibration activations at a time.
     """
-    emb = ckpt.tensor("model.embed_tokens.weight")
-    hidden = [emb[torch.tensor(ids)].float().unsqueeze(0).to(device) for ids in calibration]  # [1, T, h] each
-    del emb
+    hidden = embed(ckpt, calibration)
     rope = make_rope(ckpt, device)
     for i in range(ckpt.config.num_hidden_layers):
         layer = load_layer(ckpt, i, device=device)

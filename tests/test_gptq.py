@@ -123,7 +123,7 @@ def test_packed_gptq_layer_matches_its_dequantized_weight():
     h = hessian_init(256)
     rows = hessian_add(h, x)
     qw = gptq(w, h, rows, QuantConfig(bits=4, group_size=128, act_order=True))
-    qw.scales = qw.scales.half().float()  # what the checkpoint stores
+    assert torch.equal(qw.scales, qw.scales.half().float())  # the grid is the one the checkpoint stores
     t = pack(qw.q, qw.scales, qw.zeros, qw.g_idx, 4)
     assert torch.equal(dequantize_packed(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4), qw.dequantize())
 

@@ -137,6 +137,55 @@ class WorldPMConfig:
         return shapes
 
 
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PACKED = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@dataclass(frozen=True)
+class GPTQSpec:
+    """`quantization_config` of a GPTQ checkpoint (the fields we write and read)."""
+
+    bits: int
+    group_size: int
+    desc_act: bool = False
+    sym: bool = True
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits: expected 4 or 8, found {self.bits!r}")
+        if not isinstance(self.group_size, int) or not (self.group_size == -1 or self.group_size > 0):
+            raise ValueError(f"group_size: expected -1 or a positive integer, found {self.group_size!r}")
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str) -> GPTQSpec:
+        if raw.get("quant_method") != "gptq":
+            raise CheckpointError(f"{where}: quantization_config.quant_method is {raw.get('quant_method')!r}; "
+                                  "only 'gptq' is supported")
+        if raw.get("checkpoint_format", "gptq") != "gptq":
+            raise CheckpointError(f"{where}: quantization_config.checkpoint_format is "
+                                  f"{raw.get('checkpoint_format')!r}; only 'gptq' (v1 zeros) is supported")
+        try:
+            return cls(bits=raw.get("bits"), group_size=raw.get("group_size", 128),
+                       desc_act=bool(raw.get("desc_act", False)), sym=bool(raw.get("sym", True)))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: quantization_config.{e}") from None
+
+    def to_dict(self) -> dict:
+        return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
+                "desc_act": self.desc_act, "sym": self.sym, "checkpoint_format": "gptq",
+                "modules_in_block_to_quantize": [list(LINEARS)],
+                "not_quantized": ["model.embed_tokens", "model.norm", "*layernorm", "score.0", "score.2"]}
+
+    def packed_shapes(self, in_features: int, out_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name suffix -> (shape, safetensors dtype) of one quantized linear."""
+        groups = 1 if self.group_size == -1 else in_features // self.group_size
+        per = 32 // self.bits
+        return {"qweight": ((in_features // per, out_features), "I32"),
+                "qzeros": ((groups, out_features // per), "I32"),
+                "scales": ((groups, out_features), "F16"), "g_idx": ((in_features,), "I32")}
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -158,6 +207,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: not a directory (expected a model directory with config.json)")
         self.raw_config = _read_json(self.path / "config.json", "the model's config.json")
         self.config = WorldPMConfig.from_dict(self.raw_config, str(self.path / "config.json"))
+        qc = self.raw_config.get("quantization_config")
+        self.quant = None if qc is None else GPTQSpec.from_dict(qc, str(self.path / "config.json"))
         self.weight_map = self._weight_map()  # tensor name -> shard file name
         self._handles: dict[str, object] = {}
         self._validate()
@@ -191,8 +242,25 @@ class Checkpoint:
             self._handles[shard] = safe_open(self.path / shard, framework="pt")
         return self._handles[shard]
 
-    def _validate(self):
+    def expected(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """Every tensor this checkpoint must hold: name -> (shape, allowed safetensors dtypes)."""
+        floats = tuple(DTYPES)
         shapes = self.config.expected_shapes()
+        if self.quant is None:
+            return {n: (shape, floats) for n, shape in shapes.items()}
+        out = {}
+        for name, shape in shapes.items():
+            if name.endswith(".weight") and name.removesuffix(".weight").split(".", 3)[-1] in LINEARS:
+                base = name.removesuffix(".weight")
+                for suffix, (pshape, dtype) in self.quant.packed_shapes(shape[1], shape[0]).items():
+                    out[f"{base}.{suffix}"] = (pshape, (dtype,))
+            else:
+                out[name] = (shape, floats)
+        return out
+
+    def _validate(self):
+        expected = self.expected()
+        shapes = {n: shape for n, (shape, _) in expected.items()}
         missing_head = [n for n in HEAD if n not in self.weight_map]
         if missing_head:
             raise CheckpointError(f"{self.path}: reward head tensor(s) {missing_head} missing; a WorldPM "
@@ -217,9 +285,9 @@ class Checkpoint:
                     continue
                 sl = f.get_slice(name)
                 dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
-                if dtype not in DTYPES:
+                if dtype not in expected[name][1]:
                     raise CheckpointError(f"{self.path / shard}: tensor '{name}' has dtype {dtype}; "
-                                          f"supported: {', '.join(DTYPES)}")
+                                          f"supported: {', '.join(expected[name][1])}")
                 if shape != shapes[name]:
                     raise CheckpointError(f"{self.path / shard}: tensor '{name}' has shape {list(shape)}, "
                                           f"config.json implies {list(shapes[name])}")
@@ -244,6 +312,10 @@ class Checkpoint:
 
     def num_parameters(self) -> int:
         return sum(math.prod(s) for s in self.config.expected_shapes().values())
+
+    def is_quantized_linear(self, name: str) -> bool:
+        """Whether `name` (a ....weight of the bf16 layout) is stored packed in this checkpoint."""
+        return self.quant is not None and name.endswith(".weight") and f"{name[:-7]}.qweight" in self.weight_map
 
 
 def write_checkpoint(out_dir: str | Path, config: WorldPMConfig, tensors: dict[str, torch.Tensor],

@@ -68,11 +68,24 @@ class WorldPM(nn.Module):
                     s0.weight, s0.bias, s2.weight, s2.bias)
 
 
+def read_weight(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """A tensor by its bf16-layout name; GPTQ-packed linears come back dequantized (fp32)."""
+    if ckpt.is_quantized_linear(name):
+        from .quantize.pack import dequantize_packed
+
+        base = name.removesuffix(".weight")
+        return dequantize_packed(*(ckpt.tensor(f"{base}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")),
+                                 bits=ckpt.quant.bits)
+    return ckpt.tensor(name)
+
+
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> WorldPM:
-    """Build on the meta device, then assign each tensor read from the checkpoint."""
+    """Build on the meta device, then assign each tensor read from the checkpoint.
+
+    GPTQ checkpoints are dequantized here (the torch reference path: exact, not memory-saving)."""
     with torch.device("meta"):
         model = WorldPM(ckpt.config)
-    state = {name: ckpt.tensor(name).to(device=device, dtype=dtype) for name in ckpt.config.expected_shapes()}
+    state = {name: read_weight(ckpt, name).to(device=device, dtype=dtype) for name in ckpt.config.expected_shapes()}
     model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary_emb.to(device)
     return model.eval()

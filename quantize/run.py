@@ -1,0 +1,220 @@
+"""`worldpm-lite quantize`: a WorldPM checkpoint in, a standard GPTQ checkpoint out, one decoder
+layer in memory at a time.
+
+Work happens in a staging directory beside the output (`.NAME.partial`): one shard per decoder
+layer, written atomically as each layer finishes, and `progress.json` saying how far it got.
+`resume=True` replays the finished layers from their shards (to rebuild the next layer's
+inputs exactly) and goes on; the bytes come out the same as an uninterrupted run. Only when every
+shard, the index, config.json and the tokenizer files are written is the staging directory
+renamed to the output: a crash never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from worldpm_lite.chat import load_tokenizer
+from worldpm_lite.checkpoint import INDEX_FILE, LINEARS, Checkpoint, CheckpointError, GPTQSpec
+
+from .calibration import builtin_calibration, file_calibration, fingerprint
+from .gptq import QuantConfig
+from .pack import dequantize_packed, pack
+from .pipeline import embed, load_layer, make_rope, quantize_layer, run_layer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+PROGRESS = "progress.json"
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4}
+LOG = "quantize_log.json"
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """What `quantize` does; the CLI takes its defaults from here. Defaults suit WorldPM-72B."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    method: str = "gptq"  # or "rtn": round-to-nearest on the same grid, the no-calibration baseline
+    samples: int = 128
+    seq_len: int = 2048
+    calibration: str | None = None  # a JSONL file in any format `score` reads; None: built-in ShareGPT set
+    device: str = "cpu"
+
+    def __post_init__(self):
+        self.quant_config()  # validates bits and group_size
+        if self.method not in ("gptq", "rtn"):
+            raise ValueError(f"method: expected 'gptq' or 'rtn', found {self.method!r}")
+        if self.samples < 1 or self.seq_len < 16:
+            raise ValueError(f"samples >= 1 and seq_len >= 16 expected, found {self.samples} and {self.seq_len}")
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order)
+
+    def spec(self) -> GPTQSpec:
+        return GPTQSpec(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=self.sym)
+
+
+@dataclass
+class Progress:
+    fingerprint: str
+    layers_done: int = 0
+    layers: list[dict] = field(default_factory=list)  # per-layer log entries
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def shard_name(k: int, total: int) -> str:
+    return f"model-{k + 1:05d}-of-{total:05d}.safetensors"
+
+
+def _layer_tensors(src: Checkpoint, i: int, quantized: dict, bits: int) -> dict[str, torch.Tensor]:
+    """Layer i as stored: packed linears, the original biases and norms in the source dtype."""
+    prefix = f"model.layers.{i}."
+    out = {}
+    for name, q in quantized.items():
+        for key, t in pack(q.q.cpu(), q.scales.cpu(), q.zeros.cpu(), q.g_idx.cpu(), bits).items():
+            out[f"{prefix}{name}.{key}"] = t
+    for name in src.names():
+        if name.startswith(prefix) and not (name.endswith(".weight") and name[len(prefix):-7] in LINEARS):
+            out[name] = src.tensor(name)  # norms and q/k/v biases
+    return out
+
+
+def _replay_layer(layer, shard: Path, i: int, bits: int) -> None:
+    """Put the quantized weights stored in a finished shard back into `layer`."""
+    t = load_file(shard)
+    for name in LINEARS:
+        base = f"model.layers.{i}.{name}"
+        w = dequantize_packed(t[f"{base}.qweight"], t[f"{base}.qzeros"], t[f"{base}.scales"], t[f"{base}.g_idx"], bits)
+        lin = layer.get_submodule(name)
+        lin.weight.data = w.to(device=lin.weight.device, dtype=lin.weight.dtype)
+
+
+def _calibration(settings: QuantizeSettings, src_dir: Path):
+    tokenizer = load_tokenizer(src_dir)
+    if settings.calibration:
+        return file_calibration(settings.calibration, tokenizer, settings.samples, settings.seq_len)
+    return builtin_calibration(tokenizer, settings.samples, settings.seq_len)
+
+
+def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bool = False, overwrite: bool = False,
+                        log=print, layer_bar=None) -> dict:
+    """Quantize `src_dir` into `out_dir`; returns the summary also written to quantize_log.json."""
+    start = time.time()
+    src_dir, out = Path(src_dir), Path(out_dir)
+    src = Checkpoint(src_dir)
+    if src.quant is not None:
+        raise CheckpointError(f"{src_dir}: already quantized ({src.quant.bits}-bit GPTQ); quantize a bf16 checkpoint")
+    if out.resolve() == src_dir.resolve():
+        raise ValueError(f"--out {out}: is the source; the source is never modified")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists() and not resume:
+        raise FileExistsError(f"{staging}: an interrupted run is there (pass --resume to continue it, or delete it)")
+
+    calibration = _calibration(settings, src_dir)
+    run_id = fingerprint([[_sha256(src_dir / "config.json")], [json.dumps(asdict(settings), sort_keys=True)],
+                          [fingerprint(calibration)], sorted(set(src.weight_map.values()))])
+    progress = Progress(run_id)
+    if staging.exists():
+        saved = json.loads((staging / PROGRESS).read_text()) if (staging / PROGRESS).exists() else {}
+        if saved.get("fingerprint") != run_id:
+            raise ValueError(f"{staging}: was started with other settings, source or calibration; "
+                             "delete it or rerun with the original ones")
+        progress = Progress(**saved)
+        log(f"resuming after layer {progress.layers_done} of {src.config.num_hidden_layers}")
+    else:
+        staging.mkdir(parents=True)
+        _write_json(staging / PROGRESS, asdict(progress))
+
+    n_layers = src.config.num_hidden_layers
+    total = n_layers + 1  # one shard per layer, the last one for embeddings, final norm and head
+    cfg, device = settings.quant_config(), settings.device
+    hidden = embed(src, calibration)
+    rope = make_rope(src, device)
+    if layer_bar is not None:
+        layer_bar.reset(total=n_layers)
+    for i in range(n_layers):
+        layer = load_layer(src, i, device=device)
+        shard = staging / shard_name(i, total)
+        if i < progress.layers_done:
+            _replay_layer(layer, shard, i, settings.bits)
+        else:
+            t0 = time.time()
+            before = run_layer(layer, hidden[:8], rope)
+            quantized, reports = quantize_layer(layer, hidden, rope, cfg, prefix=f"model.layers.{i}.",
+                                                rtn_only=settings.method == "rtn")
+            after = run_layer(layer, hidden[:8], rope)
+            rel = (sum(((a - b) ** 2).sum() for a, b in zip(after, before)) /
+                   sum((b ** 2).sum() for b in before)).item()
+            _save_atomic(_layer_tensors(src, i, quantized, settings.bits), shard)
+            progress.layers.append({"layer": i, "seconds": round(time.time() - t0, 3), "output_rel_error": rel,
+                                    "linears": [{"name": r.name, "error": r.gptq_error, "rtn_error": r.rtn_error}
+                                                for r in reports]})
+            progress.layers_done = i + 1
+            _write_json(staging / PROGRESS, asdict(progress))
+        hidden = run_layer(layer, hidden, rope)
+        del layer
+        if layer_bar is not None:
+            layer_bar.update(1)
+
+    rest = {n: src.tensor(n) for n in src.names() if not n.startswith("model.layers.")}
+    _save_atomic(rest, staging / shard_name(n_layers, total))
+    weight_map, size = {}, 0
+    for k in range(total):  # from the shard headers: nothing is loaded
+        shard = staging / shard_name(k, total)
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                weight_map[name] = shard.name
+                size += math.prod(sl.get_shape()) * DTYPE_BYTES[sl.get_dtype()]
+    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(staging / INDEX_FILE, index)
+    config = {k: v for k, v in src.raw_config.items() if k != "auto_map"}
+    config["quantization_config"] = settings.spec().to_dict()
+    _write_json(staging / "config.json", config)
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, staging / name)
+    src_bytes = sum((src_dir / f).stat().st_size for f in set(src.weight_map.values()))
+    summary = {"settings": asdict(settings), "calibration_sequences": len(calibration),
+               "calibration_tokens": sum(map(len, calibration)), "seconds": round(time.time() - start, 2),
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "source_weight_bytes": src_bytes, "output_weight_bytes": size, "layers": progress.layers}
+    _write_json(staging / LOG, summary)
+    (staging / PROGRESS).unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    Checkpoint(out)  # what we wrote must read back as a valid GPTQ checkpoint
+    return summary

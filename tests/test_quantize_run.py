@@ -1,0 +1,132 @@
+"""`worldpm-lite quantize` end to end: format, resume after a kill, refusals, the source untouched."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import SMALL, add_tokenizer, random_state
+from safetensors import safe_open
+from worldpm_lite.quantize.pack import dequantize_packed
+
+from worldpm_lite.checkpoint import Checkpoint, write_checkpoint
+from worldpm_lite.cli import main
+from worldpm_lite.scorer import Scorer
+
+FAST = ["--samples", "6", "--seq-len", "48"]
+
+
+def digest(d):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())
+            if p.name != "quantize_log.json"}  # the log holds timings
+
+
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory):
+    """A random 8-layer small checkpoint: enough layers to interrupt a run in the middle."""
+    import dataclasses
+
+    cfg = dataclasses.replace(SMALL, num_hidden_layers=8)
+    out = tmp_path_factory.mktemp("deep") / "src"
+    write_checkpoint(out, cfg, random_state(cfg, seed=4))
+    return add_tokenizer(out)
+
+
+def test_quantize_writes_standard_gptq_checkpoint(tmp_path, small_dir):
+    before = digest(small_dir)
+    out = tmp_path / "q4"
+    assert main(["quantize", "--model", str(small_dir), "--out", str(out), "--act-order",
+                 "--samples", "24", "--seq-len", "96"]) == 0
+    assert digest(small_dir) == before  # the source is never modified
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"], qc["checkpoint_format"]) == \
+        ("gptq", 4, 128, True, True, "gptq")
+    assert cfg["hidden_size"] == 128 and "auto_map" not in cfg
+    ckpt = Checkpoint(out)
+    name = "model.layers.1.mlp.down_proj"
+    shard = out / ckpt.weight_map[f"{name}.qweight"]
+    with safe_open(shard, "pt") as f:
+        t = {k: f.get_tensor(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
+    assert t["qweight"].shape == (256 * 4 // 32, 128) and t["qweight"].dtype == torch.int32
+    assert t["qzeros"].shape == (2, 128 * 4 // 32) and t["scales"].dtype == torch.float16
+    assert t["g_idx"].shape == (256,)
+    assert "model.layers.1.self_attn.q_proj.bias" in ckpt.weight_map
+    assert "model.layers.1.mlp.down_proj.weight" not in ckpt.weight_map
+    assert ckpt.tensor("score.0.weight").equal(Checkpoint(small_dir).tensor("score.0.weight"))
+    w = dequantize_packed(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4)
+    src_w = Checkpoint(small_dir).tensor(f"{name}.weight")
+    assert 0 < (w - src_w).norm() < 0.3 * src_w.norm()  # quantized, and close
+    log = json.loads((out / "quantize_log.json").read_text())
+    assert len(log["layers"]) == 2 and all(r["error"] <= r["rtn_error"] for layer in log["layers"]
+                                           for r in layer["linears"])
+    assert (out / "tokenizer.json").exists() and not list(tmp_path.glob(".*partial"))
+    ref, q = Scorer.from_pretrained(small_dir), Scorer.from_pretrained(out)  # the scorer reads GPTQ checkpoints
+    conv = [[{"role": "user", "content": "Tips for better sleep?"}, {"role": "assistant", "content": "Dark room."}]]
+    assert q.score(conv)[0] == pytest.approx(ref.score(conv)[0], abs=0.2)
+
+
+def test_refusals(tmp_path, small_dir, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    assert main(["quantize", "--model", str(small_dir), "--out", str(out), *FAST]) == 2
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(small_dir), "--out", str(out), "--overwrite", *FAST]) == 0
+    assert Checkpoint(out).quant.bits == 4
+    assert main(["quantize", "--model", str(out), "--out", str(tmp_path / "again"), *FAST]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(small_dir), "--out", str(tmp_path / "x"), "--group-size", "100"]) == 2
+    assert "group_size" in capsys.readouterr().err
+    bad = tmp_path / "cal.jsonl"
+    bad.write_text('{"prompt": "q"}\n')
+    assert main(["quantize", "--model", str(small_dir), "--out", str(tmp_path / "y"), "--calibration", str(bad)]) == 2
+    assert "cal.jsonl:1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_calibration_file_and_rtn_baseline(tmp_path, small_dir):
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text(json.dumps({"prompt": "Tips for better sleep? " * 3, "chosen": "Keep a schedule. " * 4,
+                               "rejected": "idk " * 10}) + "\n")
+    g, r = tmp_path / "g", tmp_path / "r"
+    assert main(["quantize", "--model", str(small_dir), "--out", str(g), "--calibration", str(cal)]) == 0
+    assert main(["quantize", "--model", str(small_dir), "--out", str(r), "--calibration", str(cal),
+                 "--method", "rtn"]) == 0
+    assert json.loads((g / "quantize_log.json").read_text())["calibration_sequences"] == 2  # both responses
+    rtn_layers = json.loads((r / "quantize_log.json").read_text())["layers"]
+    assert all(x["error"] == x["rtn_error"] for layer in rtn_layers for x in layer["linears"])
+
+
+def test_resume_after_kill_gives_the_same_bytes(tmp_path, deep_dir):
+    full = tmp_path / "full"
+    assert main(["quantize", "--model", str(deep_dir), "--out", str(full), *FAST]) == 0
+    out = tmp_path / "killed"
+    staging = tmp_path / ".killed.partial"
+    cmd = [sys.executable, "-m", "worldpm_lite", "quantize", "--model", str(deep_dir), "--out", str(out), *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (staging / "model-00003-of-00009.safetensors").exists():
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads((staging / "progress.json").read_text())["layers_done"]
+    assert 3 <= done < 8, done  # killed in the middle
+    assert not out.exists()  # nothing that looks complete
+    assert main(["quantize", "--model", str(deep_dir), "--out", str(out), *FAST]) == 2  # needs --resume
+    assert main(["quantize", "--model", str(deep_dir), "--out", str(out), "--resume", *FAST]) == 0
+    assert digest(out) == digest(full)
+    log = json.loads((out / "quantize_log.json").read_text())
+    assert [r["layer"] for r in log["layers"]] == list(range(8))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, deep_dir, capsys):
+    staging = tmp_path / ".o.partial"
+    staging.mkdir()
+    (staging / "progress.json").write_text(json.dumps({"fingerprint": "other", "layers_done": 2, "layers": []}))
+    assert main(["quantize", "--model", str(deep_dir), "--out", str(tmp_path / "o"), "--resume", *FAST]) == 2
+    assert "other settings" in capsys.readouterr().err
