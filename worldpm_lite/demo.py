@@ -1,4 +1,5 @@
-"""`worldpm-lite demo`: the scoring path on the built-in small model, offline, on the CPU."""
+"""`worldpm-lite demo`: the whole path on the built-in small model, offline, on the CPU:
+train (once), quantize to 8 and 4 bits (once), score with all three side by side."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 from .cli import README_PAIR
 from .scorer import Scorer
-from .tiny import REJECTION_KINDS, heldout_pairs, tiny_model_dir
+from .tiny import REJECTION_KINDS, heldout_pairs, tiny_model_dir, tiny_quantized_dir
 
 ROWS_PER_KIND = 3
 
@@ -18,29 +19,38 @@ def _clip(text: str, width: int) -> str:
 
 def run_demo(seed: int = 0, log=print):
     path = tiny_model_dir(seed, log=log)
+    variants = {"bf16": path, "8-bit": tiny_quantized_dir(8, seed, log=log),
+                "4-bit": tiny_quantized_dir(4, seed, log=log)}
+    scorers = {name: Scorer.from_pretrained(d, device="cpu") for name, d in variants.items()}
     report = json.loads((path / "training_report.json").read_text())
-    scorer = Scorer.from_pretrained(path, device="cpu")
-    cfg, h = scorer.model.config, report["heldout"]
+    cfg, h = scorers["bf16"].model.config, report["heldout"]
     print(f"model: {path}")
     print(f"  small WorldPM: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; "
           f"held-out pairwise accuracy {h['pairwise_accuracy']:.3f}, score std {h['score_std']:.2f}")
-    print("  backend: torch reference, float32 on CPU\n")
+    print("  variants: bf16 weights; 8-bit and 4-bit GPTQ (group 128, sym) of the same model")
+    print("  backend: torch reference on CPU (GPTQ weights dequantized on load, fp32 compute)\n")
 
-    readme = scorer.score(README_PAIR)
-    print("WorldPM README pair (WorldPM-72B gives +0.630 vs -1.643):")
-    print(f"  {readme[0]:+.3f}  helpful three-tip answer")
-    print(f"  {readme[1]:+.3f}  'just try sleeping earlier or take some pills...'\n")
+    heads = "".join(f"{n:>8}" for n in variants)
+    readme = {n: s.score(README_PAIR) for n, s in scorers.items()}
+    print(f"WorldPM README pair (WorldPM-72B gives +0.630 vs -1.643)\n  {heads}")
+    for k, label in enumerate(("helpful three-tip answer", "'just try sleeping earlier or take some pills...'")):
+        print("  " + "".join(f"{readme[n][k]:+8.3f}" for n in variants) + f"  {label}")
 
     readable = [p for p in heldout_pairs(path) if 25 <= len(p.prompt) <= 120 and p.prompt.isascii()]
     pairs = [p for kind in REJECTION_KINDS for p in [q for q in readable if q.kind == kind][:ROWS_PER_KIND]]
-    scores = scorer.score([[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": r}]
-                           for p in pairs for r in (p.chosen, p.rejected)])
-    print("held-out ShareGPT pairs: the real reply vs a worse one")
-    print(f"  {'real':>7} {'worse':>7}  {'worse reply is':<12} prompt")
+    convs = [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": r}]
+             for p in pairs for r in (p.chosen, p.rejected)]
+    scores = {n: s.score(convs) for n, s in scorers.items()}
+    print("\nheld-out ShareGPT pairs: score of the real reply minus the worse one (>0: real reply preferred)")
+    print(f"  {heads}  {'worse reply is':<12} prompt")
     for k, p in enumerate(pairs):
-        real, worse = scores[2 * k], scores[2 * k + 1]
-        print(f"  {real:+7.3f} {worse:+7.3f}  {p.kind:<12} {'ok' if real > worse else '  '} {_clip(p.prompt, 50)}")
-    wins = sum(scores[2 * k] > scores[2 * k + 1] for k in range(len(pairs)))
-    print(f"\nreal reply preferred in {wins} of {len(pairs)} pairs shown "
-          f"(by kind over all {report['heldout_pairs']} held-out pairs: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in h["accuracy_by_kind"].items()) + ")")
+        margins = "".join(f"{scores[n][2 * k] - scores[n][2 * k + 1]:+8.3f}" for n in variants)
+        print(f"  {margins}  {p.kind:<12} {_clip(p.prompt, 50)}")
+    print()
+    for n in variants:
+        wins = sum(scores[n][2 * k] > scores[n][2 * k + 1] for k in range(len(pairs)))
+        drift = max(abs(a - b) for a, b in zip(scores[n], scores["bf16"]))
+        agree = sum((scores[n][2 * k] > scores[n][2 * k + 1]) == (scores["bf16"][2 * k] > scores["bf16"][2 * k + 1])
+                    for k in range(len(pairs)))
+        print(f"  {n:>5}: real reply preferred in {wins}/{len(pairs)}; same choice as bf16 in {agree}/{len(pairs)}; "
+              f"largest score change vs bf16 {drift:.3f}")

@@ -255,6 +255,22 @@ def make_tiny(out: str | Path, seed: int = 0, log=print, train_cfg: TrainConfig 
     return report
 
 
+TINY_QUANT = {"samples": 64, "seq_len": 256}  # calibration for the small model's quantized variants
+
+
+def tiny_quantized_dir(bits: int, seed: int = 0, log=print) -> Path:
+    """The small model GPTQ-quantized to `bits` (group 128, symmetric), built on first use."""
+    from .quantize.run import QuantizeSettings, quantize_checkpoint
+
+    src = tiny_model_dir(seed, log=log)
+    path = src.with_name(f"{src.name}-gptq{bits}")
+    if not (path / "config.json").exists():
+        log(f"quantizing the small model to {bits} bits once into {path}")
+        quantize_checkpoint(src, path, QuantizeSettings(bits=bits, **TINY_QUANT), overwrite=True,
+                            resume=path.with_name(f".{path.name}.partial").exists(), log=log)
+    return path
+
+
 def tiny_model_dir(seed: int = 0, log=print) -> Path:
     """The cached small model for a seed, trained on first use (about 3 minutes on 2 cores)."""
     path = cache_dir() / f"tiny-worldpm-r{RECIPE_VERSION}-seed{seed}"
