@@ -22,7 +22,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.5"],
+        # optimum + GPTQModel 7.6.0: the interop test loads our GPTQ output with them (7.7 needs torch >= 2.14.1)
+        "test": ["pytest>=8", "ruff>=0.5", "optimum==2.3.*", "gptqmodel==7.6.0"],
         "bench": ["pytest>=8", "pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["worldpm-lite=worldpm_lite.cli:main"]},
