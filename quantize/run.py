@@ -31,7 +31,7 @@ from worldpm_lite.checkpoint import INDEX_FILE, LINEARS, Checkpoint, CheckpointE
 from .calibration import builtin_calibration, file_calibration, fingerprint
 from .gptq import QuantConfig
 from .pack import dequantize_packed, pack
-from .pipeline import embed, load_layer, make_rope, quantize_layer, run_layer
+from .pipeline import embed, load_layer, make_rope, quantize_layer, return_freed_memory, run_layer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -126,6 +126,7 @@ def _calibration(settings: QuantizeSettings, src_dir: Path):
     return builtin_calibration(tokenizer, settings.samples, settings.seq_len)
 
 
+@torch.no_grad()  # activations must not carry autograd graphs from layer to layer
 def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bool = False, overwrite: bool = False,
                         log=print, layer_bar=None) -> dict:
     """Quantize `src_dir` into `out_dir`; returns the summary also written to quantize_log.json."""
@@ -185,6 +186,7 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
             _write_json(staging / PROGRESS, asdict(progress))
         hidden = run_layer(layer, hidden, rope)
         del layer
+        return_freed_memory()
         if layer_bar is not None:
             layer_bar.update(1)
 

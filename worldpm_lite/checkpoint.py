@@ -297,6 +297,11 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path / self.weight_map[name]}: reward head tensor '{name}' "
                                       "has non-finite values (NaN or inf)")
 
+    def release(self) -> None:
+        """Unmap the shards. Pages read through an open mapping stay resident and count as this
+        process's memory, so streaming readers release after each layer."""
+        self._handles.clear()
+
     def names(self) -> list[str]:
         return sorted(self.weight_map)
 
