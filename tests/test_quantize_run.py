@@ -115,7 +115,8 @@ def test_resume_after_kill_gives_the_same_bytes(tmp_path, deep_dir):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = json.loads((staging / "progress.json").read_text())["layers_done"]
-    assert 3 <= done < 8, done  # killed in the middle
+    # killed in the middle (the third shard may be written a moment before progress.json counts it)
+    assert 2 <= done < 8, done
     assert not out.exists()  # nothing that looks complete
     assert main(["quantize", "--model", str(deep_dir), "--out", str(out), *FAST]) == 2  # needs --resume
     assert main(["quantize", "--model", str(deep_dir), "--out", str(out), "--resume", *FAST]) == 0
