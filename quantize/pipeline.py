@@ -36,10 +36,10 @@ class LinearReport:
     seconds: float
 
 
-def output_error(w: torch.Tensor, w_hat: torch.Tensor, h_mean: torch.Tensor) -> float:
-    """Mean over calibration rows and outputs of (x.(w - w_hat))^2, from H = 2 X^T X / rows."""
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h_sum: torch.Tensor, rows: int) -> float:
+    """Mean over calibration rows and outputs of (x.(w - w_hat))^2, from the sum 2 X^T X."""
     d = (w.float() - w_hat.float())
-    return ((d @ h_mean) * d).sum().item() / (2 * w.shape[0])
+    return ((d @ h_sum) * d).sum().item() / (2 * w.shape[0] * max(rows, 1))
 
 
 def run_layer(layer, inputs: list[torch.Tensor], rope: Callable) -> list[torch.Tensor]:
@@ -77,7 +77,6 @@ def quantize_layer(layer, inputs: list[torch.Tensor], rope: Callable, cfg: Quant
     quantized, reports = {}, []
     for group in LAYER_GROUPS:
         h_sum, rows = input_hessian(layer, layer.get_submodule(group[0]), inputs, rope)
-        h_mean = h_sum / max(rows, 1)
         for name in group:
             start = time.time()
             lin = layer.get_submodule(name)
@@ -85,8 +84,8 @@ def quantize_layer(layer, inputs: list[torch.Tensor], rope: Callable, cfg: Quant
             base = rtn(w, cfg)
             q = base if rtn_only else gptq(w, h_sum, rows, cfg, name=prefix + name)
             w_hat = q.dequantize()
-            reports.append(LinearReport(prefix + name, output_error(w, w_hat, h_mean),
-                                        output_error(w, base.dequantize(), h_mean), time.time() - start))
+            reports.append(LinearReport(prefix + name, output_error(w, w_hat, h_sum, rows),
+                                        output_error(w, base.dequantize(), h_sum, rows), time.time() - start))
             lin.weight.data = w_hat.to(w.dtype)
             quantized[name] = q
     return quantized, reports
