@@ -17,15 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .gptq import QuantConfig, QuantizedWeight, gptq, hessian_add, hessian_init, rtn
+from worldpm_lite.checkpoint import LAYER_GROUPS
 
-# Qwen2 decoder layer, as data: groups quantized in order; the linears of a group share one input.
-LAYER_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+from .gptq import QuantConfig, QuantizedWeight, gptq, hessian_add, hessian_init, rtn
 
 
 @dataclass

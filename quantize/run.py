@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from worldpm_lite.chat import load_tokenizer
-from worldpm_lite.checkpoint import INDEX_FILE, LINEARS, Checkpoint, CheckpointError, GPTQSpec
+from worldpm_lite.checkpoint import INDEX_FILE, LINEARS, PACKED, Checkpoint, CheckpointError, GPTQSpec
 
 from .calibration import builtin_calibration, file_calibration, fingerprint
 from .gptq import QuantConfig
@@ -114,7 +114,7 @@ def _replay_layer(layer, shard: Path, i: int, bits: int) -> None:
     t = load_file(shard)
     for name in LINEARS:
         base = f"model.layers.{i}.{name}"
-        w = dequantize_packed(t[f"{base}.qweight"], t[f"{base}.qzeros"], t[f"{base}.scales"], t[f"{base}.g_idx"], bits)
+        w = dequantize_packed(*(t[f"{base}.{k}"] for k in PACKED), bits)
         lin = layer.get_submodule(name)
         lin.weight.data = w.to(device=lin.weight.device, dtype=lin.weight.dtype)
 

@@ -137,8 +137,15 @@ class WorldPMConfig:
         return shapes
 
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# The linears of a Qwen2 decoder layer, as data, in the sequential groups GPTQ quantizes them in
+# (q/k/v -> o -> gate/up -> down); the linears of a group share one input.
+LAYER_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+LINEARS = tuple(name for group in LAYER_GROUPS for name in group)
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 
 

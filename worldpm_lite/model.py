@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, WorldPMConfig
+from .checkpoint import PACKED, Checkpoint, WorldPMConfig
 
 
 class Backbone(nn.Module):
@@ -74,7 +74,7 @@ def read_weight(ckpt: Checkpoint, name: str) -> torch.Tensor:
         from .quantize.pack import dequantize_packed
 
         base = name.removesuffix(".weight")
-        return dequantize_packed(*(ckpt.tensor(f"{base}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")),
+        return dequantize_packed(*(ckpt.tensor(f"{base}.{k}") for k in PACKED),
                                  bits=ckpt.quant.bits)
     return ckpt.tensor(name)
 
