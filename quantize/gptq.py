@@ -166,7 +166,9 @@ def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name
         for j in range(i2 - i1):
             col = i1 + j
             if col % size == 0:  # a new group: its grid comes from the updated, not yet quantized weights
-                scale, zero = find_params(torch.cat([W1[:, j:], W[:, i2:]], dim=1)[:, :size], cfg)
+                # only the group's own columns: copying all later ones made a full-size layer take >25 min
+                group_w = torch.cat([W1[:, j:j + size], W[:, i2:i2 + max(0, size - (i2 - i1 - j))]], dim=1)
+                scale, zero = find_params(group_w, cfg)
                 scales[col // size], zeros[col // size] = scale[:, 0], zero[:, 0]
             wcol = W1[:, j]
             q = quantize(wcol.unsqueeze(1), scale, zero, cfg.maxq)

@@ -1,3 +1,12 @@
+import os
+
+import torch
+
+# Triton kernels run in its interpreter when there is no GPU. Read when a kernel is defined, so it
+# must be set before any test imports worldpm_lite.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 from helpers import SMALL, add_tokenizer, random_state
 
