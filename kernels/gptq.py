@@ -91,7 +91,7 @@ def check_packed(qweight, qzeros, scales, g_idx, bits: int) -> tuple[int, int]:
     return K, N
 
 
-def _out(out, shape: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+def check_out(out, shape: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
     """`out` checked against what the call writes, or a new tensor."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
@@ -105,23 +105,24 @@ def dequantize_ref(qweight, qzeros, scales, g_idx, bits: int, dtype: torch.dtype
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense W [K, N] in `dtype` (computed in fp32)."""
     K, N = check_packed(qweight, qzeros, scales, g_idx, bits)
-    out = _out(out, (K, N), dtype, qweight.device)
     per, maxq = 32 // bits, (1 << bits) - 1
     shifts = torch.arange(per, device=qweight.device, dtype=torch.int32) * bits
     levels = (qweight.unsqueeze(1) >> shifts.view(1, per, 1)) & maxq  # [K / p, p, N]
     levels = levels.reshape(-1, qweight.shape[1])  # [K, N]
     zeros = ((qzeros.unsqueeze(2) >> shifts.view(1, 1, per)) & maxq).reshape(qzeros.shape[0], -1) + 1  # [G, N]
     g = g_idx.long()
-    return out.copy_((levels - zeros[g]).float() * scales[g].float())
+    w = (levels - zeros[g]).float() * scales[g].float()
+    return w.to(dtype) if out is None else check_out(out, (K, N), dtype, qweight.device).copy_(w)
 
 
 def dequantize(qweight, qzeros, scales, g_idx, bits: int, dtype: torch.dtype = torch.float16,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense W [K, N] in `dtype` (fp16, bf16 or fp32): the scratch matrix for the vendor GEMM."""
+    """Dense W [K, N] in `dtype` (fp16, bf16 or fp32): the scratch matrix for the vendor GEMM.
+    out: a contiguous [K, N] tensor of `dtype` to reuse, or None."""
     K, N = check_packed(qweight, qzeros, scales, g_idx, bits)
     if dtype not in FLOATS:
         raise ValueError(f"dtype: expected one of {FLOATS}, found {dtype}")
-    out = _out(out, (K, N), dtype, qweight.device)
+    out = check_out(out, (K, N), dtype, qweight.device)
     BK, BN = 32, 64
     _dequantize_kernel[(triton.cdiv(K, BK), triton.cdiv(N, BN))](
         qweight, qzeros, scales, g_idx, out, K, N, BITS=bits, BK=BK, BN=BN)
@@ -144,18 +145,21 @@ def gptq_matmul_ref(x, qweight, qzeros, scales, g_idx, bits: int, bias=None, out
     y = x.float() @ dequantize_ref(qweight, qzeros, scales, g_idx, bits, torch.float32)
     if bias is not None:
         y += bias.float()
-    return _out(out, tuple(y.shape), x.dtype, x.device).copy_(y)
+    return y.to(x.dtype) if out is None else check_out(out, tuple(y.shape), x.dtype, x.device).copy_(y)
 
 
 def gptq_matmul(x, qweight, qzeros, scales, g_idx, bits: int, bias=None, out=None) -> torch.Tensor:
     """Fused y [M, N] = x [M, K] @ W + bias: W is dequantized tile by tile in registers, never
-    written out. For small M (few tokens), where reading the 4-bit weights is the cost."""
+    written out. For small M (few tokens), where reading the 4-bit weights is the cost.
+
+    x: [M, K] fp16/bf16/fp32, unit stride along K. bias: [N] or None. out: [M, N] in x's dtype,
+    contiguous, or None. Returns [M, N] in x's dtype, accumulated in fp32."""
     K, N = check_packed(qweight, qzeros, scales, g_idx, bits)
     _check_x(x, K, bias, N, qweight.device)
     if x.stride(1) != 1:
         x = x.contiguous()
     M = x.shape[0]
-    out = _out(out, (M, N), x.dtype, x.device)
+    out = check_out(out, (M, N), x.dtype, x.device)
     BM = 16 if M <= 16 else 32 if M <= 32 else 64
     BN, BK = 64, 32
     dot_f32 = x.dtype == torch.float32 or x.device.type == "cpu"

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+from .gptq import FLOATS, check_out
+
 MAX_BB = 64  # sequences per head program: the head weights are read once per MAX_BB sequences
 
 
@@ -88,15 +89,6 @@ def _check_head(h: int, norm_weight, w0, b0, w2, b2) -> None:
             raise ValueError(f"{name}: expected a float tensor {list(shape)}, found {t.dtype} {tuple(t.shape)}")
 
 
-def _out(out, n: int, device) -> torch.Tensor:
-    if out is None:
-        return torch.empty(n, dtype=torch.float32, device=device)
-    if tuple(out.shape) != (n,) or out.dtype != torch.float32 or out.device != device:
-        raise ValueError(f"out: expected a float32 tensor [{n}] on {device}, found {out.dtype} {tuple(out.shape)} "
-                         f"on {out.device}")
-    return out
-
-
 def fused_tail_ref(hidden, index, norm_weight, eps: float, w0, b0, w2, b2, out=None) -> torch.Tensor:
     index = _positions(hidden, index)
     rows = hidden[torch.arange(len(index), device=hidden.device), index] if hidden.dim() == 3 else hidden[index]
@@ -104,7 +96,8 @@ def fused_tail_ref(hidden, index, norm_weight, eps: float, w0, b0, w2, b2, out=N
     x = rows.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
     x = torch.relu(x @ w0.float().T + b0.float())  # [B, h]
-    return _out(out, len(index), hidden.device).copy_((x @ w2.float().T + b2.float()).squeeze(-1))  # [B]
+    scores = (x @ w2.float().T + b2.float()).squeeze(-1)  # [B]
+    return scores if out is None else check_out(out, (len(index),), torch.float32, hidden.device).copy_(scores)
 
 
 def fused_tail(hidden, index, norm_weight, eps: float, w0, b0, w2, b2, out=None) -> torch.Tensor:
@@ -118,7 +111,7 @@ def fused_tail(hidden, index, norm_weight, eps: float, w0, b0, w2, b2, out=None)
         raise ValueError("hidden: expected a contiguous last dimension")
     w0, w2 = w0.contiguous(), w2.contiguous()
     B = index.shape[0]
-    out = _out(out, B, hidden.device)
+    out = check_out(out, (B,), torch.float32, hidden.device)
     if B == 0:
         return out
     x = torch.full((B, H), float("nan"), dtype=torch.float32, device=hidden.device)  # [B, h] normalized rows

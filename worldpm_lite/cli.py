@@ -151,6 +151,46 @@ def cmd_quantize(args):
               f"in layer {worst['layer']}; per-layer log in {Path(args.out) / 'quantize_log.json'}")
 
 
+def cmd_plan(args):
+    import torch
+
+    from .checkpoint import Checkpoint, GPTQSpec
+    from .model import meta_model
+    from .plan import GIB, PRESETS, activation_reserve, parse_size, place, setups_that_fit
+
+    if args.model.lower() in PRESETS:
+        config, spec, name = PRESETS[args.model.lower()], None, args.model.lower()
+    else:
+        ckpt = Checkpoint(args.model)
+        config, spec, name = ckpt.config, ckpt.quant, str(ckpt.path)
+    bits = args.bits or (spec.bits if spec else 4 if args.model.lower() in PRESETS else 16)
+    if bits != 16:
+        spec = GPTQSpec(bits, spec.group_size if spec else 128)
+    else:
+        spec = None
+    try:
+        capacity = dict(enumerate(parse_size(g) for g in args.gpus.split(",")))
+    except ValueError as e:
+        raise UsageError(f"--gpus: {e}") from None
+    model = meta_model(config, spec, torch.bfloat16)
+    reserve = activation_reserve(config, args.batch_tokens, spec is not None)
+    result = place(model, capacity, reserve)
+    what = f"GPTQ {bits}-bit, group {spec.group_size}" if spec else "bf16"
+    total = sum(result.module_bytes.values())
+    print(f"{name}: {config.num_hidden_layers} layers, hidden {config.hidden_size}; {what}; weights {total / GIB:.2f} "
+          f"GiB; activation reserve {reserve / GIB:.2f} GiB per GPU for {args.batch_tokens} tokens per batch\n")
+    print(result.table() + "\n")
+    if result.fits:
+        print(f"fits: {len(capacity)} GPU(s), smallest headroom "
+              f"{min(c - result.weights(g) - reserve for g, c in capacity.items()) / GIB:.2f} GiB")
+        return 0
+    fits = setups_that_fit(model, config, args.batch_tokens, spec is not None)
+    print(f"does NOT fit: {result.unplaced() / GIB:.2f} GiB of weights have no GPU. "
+          f"Setups that would fit {what}: {', '.join(fits) or 'none of 1-8 x 24/48/80 GiB'}"
+          + ("" if bits == 4 else "; or quantize to 4 bits (--bits 4)"))
+    return 1
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -221,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory when done")
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("plan", help="will a model fit these GPUs? which layers go where?",
+                       description="Place whole decoder layers, in order, on each GPU under its memory minus a "
+                       "reserve for the activations of one batch, computed on the meta device from config.json "
+                       "alone (no weights read). Exits 1 when the model does not fit, naming setups that would.")
+    p.add_argument("--model", required=True, help="a model directory, or the preset worldpm-72b (WorldPM-72B's "
+                   "real dimensions; no files needed)")
+    p.add_argument("--gpus", required=True, help="memory of each GPU, comma-separated, e.g. 24GiB,24GiB")
+    p.add_argument("--bits", type=int, choices=[4, 8, 16], help="plan for GPTQ 4/8-bit or bf16 (default: the "
+                   "checkpoint's own; 4 for a preset)")
+    p.add_argument("--batch-tokens", type=int, default=8192,
+                   help="padded tokens per forward pass, as score's --token-budget (default: 8192)")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("make-tiny", help="train the small WorldPM-architecture model (about 3 minutes on 2 cores)")
     p.add_argument("out", help="new directory to write")
     p.add_argument("--seed", type=int, default=0, help="same seed, same data order and weights (default: 0)")
@@ -240,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "token_budget", 1) < 1:
-        print("worldpm-lite: error: --token-budget must be a positive integer", file=sys.stderr)
-        return 2
+    for flag in ("token_budget", "batch_tokens"):
+        if getattr(args, flag, 1) < 1:
+            print(f"worldpm-lite: error: --{flag.replace('_', '-')} must be a positive integer", file=sys.stderr)
+            return 2
     try:
         return args.func(args) or 0
     except (CheckpointError, ConversationError, UsageError, FileExistsError, FileNotFoundError,

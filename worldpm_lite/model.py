@@ -1,7 +1,7 @@
 """The WorldPM reward model: a Qwen2 decoder (transformers' blocks) plus the two-layer head.
 
 Module names mirror the checkpoint (`model.*`, `score.0`, `score.2`) so a state dict loads
-as is. Only the scoring rows reach the final norm and the head (`tail`): one row per sequence.
+as is. Only the scoring rows reach the final norm and the head: one row per sequence.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpoint import PACKED, Checkpoint, WorldPMConfig
+from .checkpoint import PACKED, Checkpoint, GPTQSpec, WorldPMConfig
+from .kernels.tail import fused_tail, fused_tail_ref
+from .qlinear import pick_backend, swap_in_gptq_linears
 
 
 class Backbone(nn.Module):
@@ -25,18 +27,6 @@ class Backbone(nn.Module):
             self.rotary_emb = Qwen2RotaryEmbedding(qcfg)
 
 
-def tail(rows: torch.Tensor, norm_weight: torch.Tensor, eps: float, w0: torch.Tensor, b0: torch.Tensor,
-         w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """Final RMSNorm + Linear(h,h) + ReLU + Linear(h,1) on gathered rows, in fp32.
-
-    rows: [B, h] hidden states at the scoring positions. Returns [B] fp32 scores.
-    """
-    x = rows.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
-    x = torch.relu(x @ w0.float().T + b0.float())  # [B, h]
-    return (x @ w2.float().T + b2.float()).squeeze(-1)  # [B]
-
-
 class WorldPM(nn.Module):
     def __init__(self, config: WorldPMConfig):
         super().__init__()
@@ -44,27 +34,41 @@ class WorldPM(nn.Module):
         self.model = Backbone(config)
         h = config.hidden_size
         self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
+        self.tail_backend = "torch"  # or "triton": the fused kernel (set by load_model)
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Last decoder layer's output before the final norm. input_ids: [B, T] -> [B, T, h].
 
         Attention is causal only: sequences are right-padded, so a real token never sees padding
-        and its hidden state does not depend on what else is in the batch.
+        and its hidden state does not depend on what else is in the batch. With layers on several
+        GPUs the hidden state moves to each layer's device on the way.
         """
-        x = self.model.embed_tokens(input_ids)
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # [1, T]
-        rope = self.model.rotary_emb(x, pos)  # (cos, sin), each [1, T, head_dim]
+        x = self.model.embed_tokens(input_ids.to(self.input_device))
+        pos = torch.arange(input_ids.shape[1], device=x.device).unsqueeze(0)  # [1, T]
+        cos, sin = self.model.rotary_emb(x, pos)  # each [1, T, head_dim]
+        rope = {x.device: (cos, sin)}
         for layer in self.model.layers:
-            x = layer(x, attention_mask=None, position_ids=pos, position_embeddings=rope)
+            dev = layer.input_layernorm.weight.device
+            if dev not in rope:
+                rope[dev] = (cos.to(dev), sin.to(dev))
+            x = layer(x.to(dev), attention_mask=None, position_ids=pos.to(dev), position_embeddings=rope[dev])
         return x
 
     def forward(self, input_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         """input_ids: [B, T] right-padded; last_index: [B] position of each sequence's
-        <|endoftext|>. Returns [B] fp32 scores."""
+        <|endoftext|>. Returns [B] fp32 scores. Only those rows reach the final norm and the head."""
         x = self.hidden_states(input_ids)  # [B, T, h]
-        rows = x[torch.arange(x.shape[0], device=x.device), last_index.to(x.device)]  # [B, h]
         s0, s2 = self.score[0], self.score[2]
-        return tail(rows, self.model.norm.weight, self.model.norm.variance_epsilon,
+        index = last_index.to(x.device)
+        if x.device != s0.weight.device:  # only the scoring rows travel to the head's GPU
+            x = x[torch.arange(x.shape[0], device=x.device), index].to(s0.weight.device)  # [B, h]
+            index = torch.arange(x.shape[0], device=x.device)
+        tail = fused_tail if self.tail_backend == "triton" else fused_tail_ref
+        return tail(x, index, self.model.norm.weight, self.model.norm.variance_epsilon,
                     s0.weight, s0.bias, s2.weight, s2.bias)
 
 
@@ -79,13 +83,48 @@ def read_weight(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return ckpt.tensor(name)
 
 
-def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> WorldPM:
-    """Build on the meta device, then assign each tensor read from the checkpoint.
-
-    GPTQ checkpoints are dequantized here (the torch reference path: exact, not memory-saving)."""
+def meta_model(config: WorldPMConfig, spec: GPTQSpec | None, dtype: torch.dtype = torch.bfloat16,
+               backend: str = "torch") -> WorldPM:
+    """The model with every parameter on the meta device (shapes and dtypes, no memory); GPTQ
+    linears swapped in when `spec` is given."""
     with torch.device("meta"):
-        model = WorldPM(ckpt.config)
-    state = {name: read_weight(ckpt, name).to(device=device, dtype=dtype) for name in ckpt.config.expected_shapes()}
+        model = WorldPM(config)
+        model.to(dtype)
+        if spec is not None:
+            swap_in_gptq_linears(model, spec, backend, bias_dtype=dtype)
+    return model
+
+
+def device_for(name: str, device_map: dict[str, torch.device]) -> torch.device:
+    """The device of the longest device_map prefix that contains module or tensor `name`."""
+    best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    if best is None:
+        raise ValueError(f"device_map: no entry for {name!r}")
+    return device_map[best]
+
+
+def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
+               device_map: dict[str, str | int | torch.device] | str | torch.device = "cpu",
+               backend: str = "auto") -> WorldPM:
+    """Build on the meta device, then put each tensor straight from its shard on its device.
+
+    device_map: one device for everything, or module name prefix -> device (e.g. from
+    `plan.place`). GPTQ checkpoints get GPTQLinear modules running `backend` ("auto": Triton on
+    CUDA devices, the torch reference elsewhere); their packed tensors and fp16 scales keep their
+    dtypes, every other tensor is cast to `dtype`."""
+    if not isinstance(device_map, dict):
+        device_map = {"": device_map}
+    device_map = {k: torch.device(f"cuda:{v}" if isinstance(v, int) else v) for k, v in device_map.items()}
+    devices = set(device_map.values())
+    kinds = {d.type for d in devices}
+    backend = pick_backend(backend, next(iter(devices)) if len(kinds) == 1 else torch.device("cpu"))
+    model = meta_model(ckpt.config, ckpt.quant, dtype, backend)
+    state = {}
+    for name in ckpt.expected():
+        t = ckpt.tensor(name)
+        floating = t.is_floating_point() and not name.endswith(".scales")
+        state[name] = t.to(device=device_for(name, device_map), dtype=dtype if floating else t.dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    model.model.rotary_emb.to(device)
+    model.model.rotary_emb.to(model.input_device)
+    model.tail_backend = backend
     return model.eval()

@@ -12,8 +12,11 @@ from .chat import ENDOFTEXT, encode_conversation, load_tokenizer
 from .checkpoint import Checkpoint
 from .data import with_response
 from .model import WorldPM, load_model
+from .plan import auto_device_map
+from .qlinear import GPTQLinear
 
 TRUNCATION = ("error", "left")
+DEFAULT_TOKEN_BUDGET = 8192
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -73,7 +76,7 @@ class Scorer:
     "left" drops its oldest tokens and keeps the end, where the reward is read.
     """
 
-    def __init__(self, model: WorldPM, tokenizer, *, token_budget: int = 8192,
+    def __init__(self, model: WorldPM, tokenizer, *, token_budget: int = DEFAULT_TOKEN_BUDGET,
                  truncation: str = "error", max_length: int | None = None):
         if truncation not in TRUNCATION:
             raise ValueError(f"truncation: expected one of {TRUNCATION}, found {truncation!r}")
@@ -89,23 +92,43 @@ class Scorer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
-                        **kwargs) -> Scorer:
-        """Load a checkpoint directory. device: "cpu", "cuda", "cuda:N" or "auto" (first GPU if any).
-        dtype defaults to float32 on CPU and bfloat16 on GPU."""
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+                        max_memory: dict | None = None, backend: str = "auto", **kwargs) -> Scorer:
+        """Load a bf16 or GPTQ checkpoint directory.
+
+        device: "cpu", "cuda", "cuda:N", or "auto": every visible GPU, whole decoder layers placed
+        in order under each GPU's free memory (or `max_memory`, e.g. {0: "22GiB", 1: "22GiB"})
+        minus a reserve for the activations of `token_budget` tokens; the CPU when there is no GPU.
+        Each tensor goes from its shard straight to its device.
+        dtype defaults to float32 on CPU and bfloat16 on GPU. backend: for GPTQ linears and the
+        tail, "auto" (Triton on GPUs, torch on CPU), "torch" or "triton"."""
         if isinstance(dtype, str):
             if dtype not in DTYPE_NAMES:
                 raise ValueError(f"dtype: expected one of {sorted(DTYPE_NAMES)}, found {dtype!r}")
             dtype = DTYPE_NAMES[dtype]
-        if dtype is None:
-            dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
         ckpt = Checkpoint(path)
-        return cls(load_model(ckpt, dtype, device), load_tokenizer(path), **kwargs)
+        device_map = device
+        if device == "auto" and torch.cuda.is_available():
+            device_map = auto_device_map(ckpt, dtype or torch.bfloat16, max_memory,
+                                         kwargs.get("token_budget", DEFAULT_TOKEN_BUDGET))
+        elif max_memory is not None:
+            raise ValueError("max_memory: only used with device='auto' on a machine with GPUs")
+        elif device == "auto":
+            device_map = "cpu"
+        first = torch.device(device_map if isinstance(device_map, str) else "cuda")
+        if dtype is None:
+            dtype = torch.float32 if first.type == "cpu" else torch.bfloat16
+        return cls(load_model(ckpt, dtype, device_map, backend), load_tokenizer(path), **kwargs)
 
     @property
-    def device(self) -> torch.device:
-        return self.model.score[0].weight.device
+    def backend(self) -> str:
+        """What runs the model, in words (also logged by the CLI)."""
+        m = self.model
+        devices = sorted({str(p.device) for p in m.parameters()})
+        quant = next((q for q in m.modules() if isinstance(q, GPTQLinear)), None)
+        dtype = str(m.score[0].weight.dtype).removeprefix("torch.")
+        weights = f"{dtype} linears" if quant is None else quant.describe()
+        tail = "Triton fused tail" if m.tail_backend == "triton" else "torch tail"
+        return f"{weights}; {tail}; {dtype} compute on {', '.join(devices)}"
 
     def encode(self, conversations: list) -> list[list[int]]:
         encoded = []
@@ -129,7 +152,7 @@ class Scorer:
             for row, i in enumerate(batch):
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
             last = torch.tensor([len(encoded[i]) - 1 for i in batch])  # [B] the <|endoftext|> positions
-            out = self.model(ids.to(self.device), last).tolist()
+            out = self.model(ids, last).tolist()
             for i, s in zip(batch, out):
                 scores[i] = s
             if progress is not None:

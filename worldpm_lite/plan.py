@@ -1,0 +1,162 @@
+"""Where each part of a WorldPM goes on the GPUs, computed on the meta device (no weights read).
+
+accelerate's `infer_auto_device_map` places whole decoder layers in order under each GPU's
+capacity minus an activation reserve; this module sizes the reserve, builds the meta model
+(GPTQ linears swapped in when quantized) and turns the answer into a table and a verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import GPTQSpec, WorldPMConfig
+from .model import meta_model
+
+WORLDPM_72B = WorldPMConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                            intermediate_size=29568, vocab_size=152064, max_position_embeddings=32768,
+                            rope_theta=1_000_000.0)
+PRESETS = {"worldpm-72b": WORLDPM_72B}
+GIB = 1 << 30
+# CUDA context, compiled kernels and allocator slack per GPU (an H100 context alone is ~0.5 GiB)
+RUNTIME_OVERHEAD = 1 * GIB
+# setups offered when the asked one does not fit, smallest first
+SETUPS = [(n, size) for size in (24, 48, 80) for n in (1, 2, 3, 4, 8)]
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
+          "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB' -> bytes. Units: B, KB/MB/GB/TB (powers of 10), KiB/MiB/GiB/TiB or K/M/G/T (powers of 2)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory size {text!r}: expected a number with a unit, like 24GiB or 80GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def activation_reserve(config: WorldPMConfig, batch_tokens: int, quantized: bool, dtype_bytes: int = 2) -> int:
+    """Bytes each GPU keeps free for one forward pass of `batch_tokens` padded tokens.
+
+    Per layer the live tensors are at most the residual stream, the normed input, q, k, v, the
+    attention output and o_proj's output (5 h + 2 kv per token) and the MLP's gate, up and their
+    product (3 I per token). Attention is causal without a mask, so SDPA's flash / memory-efficient
+    kernels need no T x T scores. A quantized model adds the dequantized scratch of its largest
+    linear (the GEMM path), and every GPU the runtime overhead."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * config.dim_per_head
+    per_token = 5 * h + 2 * kv + 3 * i
+    scratch = h * i * dtype_bytes if quantized else 0
+    return batch_tokens * per_token * dtype_bytes + scratch + RUNTIME_OVERHEAD
+
+
+@dataclass
+class DevicePlan:
+    capacity: dict[int, int]  # GPU index -> bytes
+    reserve: int  # bytes kept free on each GPU for activations
+    device_map: dict[str, int | str]  # module name -> GPU index ("cpu"/"disk": did not fit)
+    module_bytes: dict[str, int]
+
+    @property
+    def fits(self) -> bool:
+        return all(isinstance(d, int) for d in self.device_map.values())
+
+    def weights(self, gpu: int) -> int:
+        return sum(self.module_bytes[m] for m, d in self.device_map.items() if d == gpu)
+
+    def layers(self, gpu: int) -> list[int]:
+        return [int(m.rsplit(".", 1)[1]) for m, d in self.device_map.items() if d == gpu and ".layers." in m]
+
+    def unplaced(self) -> int:
+        return sum(self.module_bytes[m] for m, d in self.device_map.items() if not isinstance(d, int))
+
+    def table(self) -> str:
+        rows = ["| GPU | capacity | layers | weights | activation reserve | headroom |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for gpu, cap in self.capacity.items():
+            layers = self.layers(gpu)
+            span = f"{min(layers)}-{max(layers)} ({len(layers)})" if layers else "none"
+            extra = [m for m, d in self.device_map.items() if d == gpu and ".layers." not in m]
+            if extra:
+                span += " + " + ", ".join(m.removeprefix("model.") for m in extra if m != "model.rotary_emb")
+            head = cap - self.weights(gpu) - self.reserve
+            rows.append(f"| {gpu} | {cap / GIB:.1f} GiB | {span} | {self.weights(gpu) / GIB:.2f} GiB | "
+                        f"{self.reserve / GIB:.2f} GiB | {head / GIB:.2f} GiB |")
+        if not self.fits:
+            rows.append(f"| does not fit | | | {self.unplaced() / GIB:.2f} GiB left over | | |")
+        return "\n".join(rows)
+
+
+def place(model, capacity: dict[int, int], reserve: int) -> DevicePlan:
+    """Whole decoder layers, in order, on GPUs 0, 1, ... under capacity - reserve each."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
+
+    budgets = {gpu: max(0, cap - reserve) for gpu, cap in capacity.items()}
+    quiet = logging.getLogger("accelerate.utils.modeling")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "Device 0 is not available": we plan for GPUs this machine may not have
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            device_map = infer_auto_device_map(model, max_memory={**budgets, "cpu": 0},
+                                               no_split_module_classes=["Qwen2DecoderLayer"])
+    finally:
+        quiet.setLevel(level)
+    sizes = compute_module_sizes(model)
+    return DevicePlan(dict(capacity), reserve, device_map, {m: sizes[m] for m in device_map})
+
+
+def plan(config: WorldPMConfig, spec: GPTQSpec | None, capacity: list[int], batch_tokens: int,
+         dtype: torch.dtype = torch.bfloat16) -> DevicePlan:
+    return place(meta_model(config, spec, dtype), dict(enumerate(capacity)),
+                 activation_reserve(config, batch_tokens, spec is not None, dtype.itemsize))
+
+
+def setups_that_fit(model, config: WorldPMConfig, batch_tokens: int, quantized: bool, limit: int = 3) -> list[str]:
+    """Common GPU setups (n x 24/48/80 GiB) under which the model fits, least total memory first."""
+    reserve = activation_reserve(config, batch_tokens, quantized)
+    total = sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
+    found = []
+    for n, size in sorted(SETUPS, key=lambda s: (s[0] * s[1], s[0])):
+        if n * (size * GIB - reserve) < total:  # cannot fit even if packed perfectly
+            continue
+        if place(model, dict.fromkeys(range(n), size * GIB), reserve).fits:
+            found.append(f"{n}x{size}GiB")
+        if len(found) == limit:
+            break
+    return found
+
+
+def gpu_capacity(max_memory: dict | None) -> dict[int, int]:
+    """GPU index -> bytes to plan with: `max_memory` ({0: "22GiB", ...}) or each GPU's free memory now."""
+    if max_memory is None:
+        return {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    out = {}
+    for key, size in max_memory.items():
+        gpu = int(str(key).removeprefix("cuda:")) if str(key).removeprefix("cuda:").isdigit() else None
+        if gpu is None:
+            raise ValueError(f"max_memory: keys are GPU indices (0, 1, ... or 'cuda:N'), found {key!r}")
+        out[gpu] = size if isinstance(size, int) else parse_size(size)
+    if not out:
+        raise ValueError("max_memory: expected at least one GPU, found none")
+    return out
+
+
+def auto_device_map(ckpt, dtype: torch.dtype, max_memory: dict | None, batch_tokens: int) -> dict[str, int]:
+    """Module prefix -> GPU for loading `ckpt`; ValueError with the plan table when it does not fit."""
+    model = meta_model(ckpt.config, ckpt.quant, dtype)
+    reserve = activation_reserve(ckpt.config, batch_tokens, ckpt.quant is not None, dtype.itemsize)
+    result = place(model, gpu_capacity(max_memory), reserve)
+    if not result.fits:
+        fits = setups_that_fit(model, ckpt.config, batch_tokens, ckpt.quant is not None)
+        raise ValueError(f"{ckpt.path}: does not fit these GPUs with {batch_tokens} tokens per batch\n"
+                         f"{result.table()}\nsetups that would fit: {', '.join(fits) or 'none of the common ones'}; "
+                         "or use a smaller token_budget, or the 4-bit checkpoint")
+    device_map = dict(result.device_map)
+    device_map["model.norm"] = device_map["score"]  # the tail reads both
+    return device_map

@@ -1,0 +1,86 @@
+"""GPTQ linear layers at run time, with explicit backends.
+
+Backends (one per model, chosen when loading and reported by `Scorer.backend`):
+  torch   the reference: dequantize the whole weight, then a dense matmul. Any device; on the CPU
+          the only choice. Used as the ground truth in tests.
+  triton  GPUs: the fused dequant-matmul kernel up to `fused_max_tokens` rows (decode-like
+          shapes, where reading the 4-bit weights is the cost), and above that dequantize to a
+          bf16/fp16 scratch matrix plus the vendor GEMM (scoring is prefill: compute-bound).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .checkpoint import LINEARS, GPTQSpec
+
+BACKENDS = ("torch", "triton")
+# Rows up to which the fused kernel beats dequantize + GEMM. Not yet measured on a GPU:
+# bench/gpu_check.py times both at M = 1, 16, 256, 4096 and reports the crossover.
+FUSED_MAX_TOKENS = 16
+_TORCH_DTYPES = {"I32": torch.int32, "F16": torch.float16}
+
+
+def pick_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> triton on a CUDA device, torch elsewhere; an explicit choice is checked."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected auto or one of {BACKENDS}, found {backend!r}")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' needs a CUDA device, found {device} (TRITON_INTERPRET=1 runs the "
+                         "kernels in Triton's interpreter, for testing)")
+    return backend
+
+
+class GPTQLinear(nn.Module):
+    """y = x @ W + bias for a GPTQ-packed W (the standard checkpoint tensors, as buffers)."""
+
+    def __init__(self, in_features: int, out_features: int, spec: GPTQSpec, bias: bool,
+                 backend: str = "torch", fused_max_tokens: int = FUSED_MAX_TOKENS, bias_dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, spec.bits
+        self.backend, self.fused_max_tokens = backend, fused_max_tokens
+        for name, (shape, dtype) in spec.packed_shapes(in_features, out_features).items():
+            self.register_buffer(name, torch.empty(shape, dtype=_TORCH_DTYPES[dtype]))
+        self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)  # [M, in]
+        packed = (self.qweight, self.qzeros, self.scales, self.g_idx)
+        if self.backend == "triton":
+            from .kernels.gptq import dequantize, gptq_matmul
+
+            if x.shape[0] <= self.fused_max_tokens:
+                return gptq_matmul(x, *packed, self.bits, bias=self.bias).reshape(*shape[:-1], self.out_features)
+            w = dequantize(*packed, self.bits, x.dtype)  # [in, out] scratch, freed after the GEMM
+        else:
+            from .kernels.gptq import dequantize_ref
+
+            w = dequantize_ref(*packed, self.bits, x.dtype)
+        y = x @ w if self.bias is None else torch.addmm(self.bias.to(x.dtype), x, w)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def describe(self) -> str:
+        if self.backend == "torch":
+            return f"GPTQ {self.bits}-bit linears, torch reference (dequantize + matmul)"
+        return (f"GPTQ {self.bits}-bit linears, Triton (fused dequant-matmul up to {self.fused_max_tokens} tokens, "
+                "dequantize + GEMM above)")
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, backend={self.backend}"
+
+
+def swap_in_gptq_linears(model, spec: GPTQSpec, backend: str, bias_dtype=torch.float32) -> None:
+    """Replace every decoder linear of a WorldPM (built on the meta device) by a GPTQLinear."""
+    for layer in model.model.layers:
+        for name in LINEARS:
+            parent_name, _, attr = name.rpartition(".")
+            parent = layer.get_submodule(parent_name)
+            old = getattr(parent, attr)
+            setattr(parent, attr, GPTQLinear(old.in_features, old.out_features, spec, old.bias is not None, backend,
+                                                  bias_dtype=bias_dtype))
