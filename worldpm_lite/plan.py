@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import GPTQSpec, WorldPMConfig
-from .model import meta_model
+from .model import device_for, meta_model
 
 WORLDPM_72B = WorldPMConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                             intermediate_size=29568, vocab_size=152064, max_position_embeddings=32768,
@@ -60,6 +60,7 @@ class DevicePlan:
     reserve: int  # bytes kept free on each GPU for activations
     device_map: dict[str, int | str]  # module name -> GPU index ("cpu"/"disk": did not fit)
     module_bytes: dict[str, int]
+    num_layers: int
 
     @property
     def fits(self) -> bool:
@@ -69,7 +70,7 @@ class DevicePlan:
         return sum(self.module_bytes[m] for m, d in self.device_map.items() if d == gpu)
 
     def layers(self, gpu: int) -> list[int]:
-        return [int(m.rsplit(".", 1)[1]) for m, d in self.device_map.items() if d == gpu and ".layers." in m]
+        return [i for i in range(self.num_layers) if device_for(f"model.layers.{i}", self.device_map) == gpu]
 
     def unplaced(self) -> int:
         return sum(self.module_bytes[m] for m, d in self.device_map.items() if not isinstance(d, int))
@@ -80,9 +81,10 @@ class DevicePlan:
         for gpu, cap in self.capacity.items():
             layers = self.layers(gpu)
             span = f"{min(layers)}-{max(layers)} ({len(layers)})" if layers else "none"
-            extra = [m for m, d in self.device_map.items() if d == gpu and ".layers." not in m]
+            extra = [m for m in ("embed_tokens", "norm") if device_for(f"model.{m}", self.device_map) == gpu]
+            extra += ["score"] if device_for("score", self.device_map) == gpu else []
             if extra:
-                span += " + " + ", ".join(m.removeprefix("model.") for m in extra if m != "model.rotary_emb")
+                span += " + " + ", ".join(extra)
             head = cap - self.weights(gpu) - self.reserve
             rows.append(f"| {gpu} | {cap / GIB:.1f} GiB | {span} | {self.weights(gpu) / GIB:.2f} GiB | "
                         f"{self.reserve / GIB:.2f} GiB | {head / GIB:.2f} GiB |")
@@ -108,7 +110,8 @@ def place(model, capacity: dict[int, int], reserve: int) -> DevicePlan:
     finally:
         quiet.setLevel(level)
     sizes = compute_module_sizes(model)
-    return DevicePlan(dict(capacity), reserve, device_map, {m: sizes[m] for m in device_map})
+    return DevicePlan(dict(capacity), reserve, device_map, {m: sizes[m] for m in device_map},
+                      model.config.num_hidden_layers)
 
 
 def plan(config: WorldPMConfig, spec: GPTQSpec | None, capacity: list[int], batch_tokens: int,
