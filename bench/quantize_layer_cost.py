@@ -20,11 +20,7 @@ import torch
 from worldpm_lite.quantize.gptq import QuantConfig
 from worldpm_lite.quantize.pipeline import quantize_layer
 
-from worldpm_lite.checkpoint import WorldPMConfig
-
-WORLDPM_72B = WorldPMConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                            intermediate_size=29568, vocab_size=152064, max_position_embeddings=32768,
-                            rope_theta=1_000_000.0)
+from worldpm_lite.plan import WORLDPM_72B
 
 
 def main():

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from worldpm_lite.kernels.gptq import dequantize, dequantize_ref, gptq_matmul, gptq_matmul_ref
 from worldpm_lite.kernels.tail import fused_tail, fused_tail_ref
 from worldpm_lite.quantize.pack import dequantize_packed, pack
@@ -75,9 +74,10 @@ def test_gptq_matmul_reads_strided_rows():
 
 def head(h, seed, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.rand(h, generator=gen) + 0.5).to(DEVICE, dtype), 1e-6,
-            (torch.randn(h, h, generator=gen) / h**0.5).to(DEVICE, dtype), torch.randn(h, generator=gen).to(DEVICE, dtype),
-            (torch.randn(1, h, generator=gen) / h**0.5).to(DEVICE, dtype), torch.randn(1, generator=gen).to(DEVICE, dtype)]
+    norm, w0 = torch.rand(h, generator=gen) + 0.5, torch.randn(h, h, generator=gen) / h**0.5
+    b0 = torch.randn(h, generator=gen)
+    w2, b2 = torch.randn(1, h, generator=gen) / h**0.5, torch.randn(1, generator=gen)
+    return [norm.to(DEVICE, dtype), 1e-6, *(t.to(DEVICE, dtype) for t in (w0, b0, w2, b2))]
 
 
 @pytest.mark.parametrize("B", [1, 2, 3, 16, 17, 65, 130])

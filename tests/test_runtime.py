@@ -3,13 +3,13 @@
 import pytest
 import torch
 from helpers import SMALL
+from worldpm_lite.quantize.pack import dequantize_packed, pack
 
 from worldpm_lite.checkpoint import Checkpoint, GPTQSpec
 from worldpm_lite.cli import main
 from worldpm_lite.model import WorldPM, device_for, read_weight
 from worldpm_lite.plan import GIB, activation_reserve, auto_device_map, parse_size, plan
 from worldpm_lite.qlinear import GPTQLinear, pick_backend
-from worldpm_lite.quantize.pack import dequantize_packed, pack
 from worldpm_lite.scorer import Scorer
 
 CONVS = [[{"role": "user", "content": "Tips for better sleep?"}, {"role": "assistant", "content": "Dark room."}],
@@ -160,3 +160,24 @@ def test_plan_reads_a_checkpoint_and_checks_its_arguments(q_dirs, capsys):
     assert main(["plan", "--model", str(q_dirs[0]), "--gpus", "24 bananas"]) == 2
     assert "--gpus: memory size '24 bananas'" in capsys.readouterr().err
     assert main(["plan", "--model", str(q_dirs[0]) + "-missing", "--gpus", "1GiB"]) == 2
+
+
+def test_bitsandbytes_baselines_quantize_a_bf16_checkpoint_while_loading(small_dir, q_dirs, tmp_path, capsys):
+    import bitsandbytes as bnb
+
+    ref = Scorer.from_pretrained(small_dir).score(CONVS)
+    for quant, module, tol in (("bnb-int8", bnb.nn.Linear8bitLt, 0.05), ("bnb-nf4", bnb.nn.Linear4bit, 0.3)):
+        scorer = Scorer.from_pretrained(small_dir, quant=quant)
+        assert sum(isinstance(m, module) for m in scorer.model.modules()) == 7 * SMALL.num_hidden_layers
+        assert "bitsandbytes" in scorer.backend
+        got = scorer.score(CONVS)
+        assert got != ref and got == pytest.approx(ref, abs=tol)
+    with pytest.raises(ValueError, match="already GPTQ"):
+        Scorer.from_pretrained(q_dirs[0], quant="bnb-nf4")
+    with pytest.raises(ValueError, match="quant: expected"):
+        Scorer.from_pretrained(small_dir, quant="awq")
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "Hi", "chosen": "Hello! How can I help?", "rejected": "no"}\n')
+    assert main(["score", "--model", str(small_dir), "--input", str(src), "--quant", "bnb-nf4"]) == 0
+    captured = capsys.readouterr()
+    assert "backend: bitsandbytes Linear4bit" in captured.err and '"chosen_score"' in captured.out

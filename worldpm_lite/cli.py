@@ -26,8 +26,7 @@ README_PAIR = [
       "tv until u get tired idk"}],
 ]
 PUBLISHED_72B = [0.6298332214355469, -1.6425328254699707]
-WORLDPM_72B_SHAPE = dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                         intermediate_size=29568, vocab_size=152064)
+
 
 
 class UsageError(ValueError):
@@ -43,8 +42,19 @@ def _progress(total: int, desc: str):
 def _scorer(args):
     from .scorer import Scorer
 
-    return Scorer.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                  token_budget=args.token_budget, truncation="left" if args.truncate else "error")
+    max_memory = None
+    if args.max_memory:
+        from .plan import parse_size
+
+        try:
+            max_memory = dict(enumerate(parse_size(g) for g in args.max_memory.split(",")))
+        except ValueError as e:
+            raise UsageError(f"--max-memory: {e}") from None
+    scorer = Scorer.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_memory=max_memory,
+                                    backend=args.backend, quant=args.quant, token_budget=args.token_budget,
+                                    truncation="left" if args.truncate else "error")
+    print(f"backend: {scorer.backend}", file=sys.stderr)
+    return scorer
 
 
 def write_atomic(path: str, text: str):
@@ -92,9 +102,12 @@ def cmd_selfcheck(args):
     scorer = _scorer(args)
     scores = scorer.score(README_PAIR)
     cfg = scorer.model.config
-    print(f"README pair scores: [{scores[0]:.6f}, {scores[1]:.6f}]  (dtype {args.dtype or 'default'}, "
-          f"device {scorer.device})")
-    is_72b = all(getattr(cfg, k) == v for k, v in WORLDPM_72B_SHAPE.items())
+    print(f"README pair scores: [{scores[0]:.6f}, {scores[1]:.6f}]")
+    from .plan import WORLDPM_72B
+
+    shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+             "vocab_size")
+    is_72b = all(getattr(cfg, k) == getattr(WORLDPM_72B, k) for k in shape)
     if not is_72b or args.no_reference:
         print("not WorldPM-72B-shaped: no published scores to compare with" if not is_72b else "comparison skipped")
         return 0
@@ -199,7 +212,15 @@ def cmd_demo(args):
 
 def _add_runtime(p):
     p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer files)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto: whole layers spread over every "
+                   "visible GPU (the CPU when there is none) (default: cpu)")
+    p.add_argument("--max-memory", help="with --device auto: memory to use on each GPU, e.g. 22GiB,22GiB "
+                   "(default: what is free on each)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="GPTQ linears and the tail: torch reference or Triton kernels (default: auto = Triton on "
+                   "GPUs, torch on CPU)")
+    p.add_argument("--quant", choices=["bnb-nf4", "bnb-int8"], help="quantize a bf16 checkpoint with bitsandbytes "
+                   "while loading (the no-calibration baseline)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--token-budget", type=int, default=8192,

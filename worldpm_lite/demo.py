@@ -27,8 +27,10 @@ def run_demo(seed: int = 0, log=print):
     print(f"model: {path}")
     print(f"  small WorldPM: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; "
           f"held-out pairwise accuracy {h['pairwise_accuracy']:.3f}, score std {h['score_std']:.2f}")
-    print("  variants: bf16 weights; 8-bit and 4-bit GPTQ (group 128, sym) of the same model")
-    print("  backend: torch reference on CPU (GPTQ weights dequantized on load, fp32 compute)\n")
+    print("  variants: bf16 weights; 8-bit and 4-bit GPTQ (group 128, sym) of the same model; what runs each:")
+    for name, scorer in scorers.items():
+        print(f"  {name:>6}: {scorer.backend}")
+    print()
 
     heads = "".join(f"{n:>8}" for n in variants)
     readme = {n: s.score(README_PAIR) for n, s in scorers.items()}

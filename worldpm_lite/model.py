@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpoint import PACKED, Checkpoint, GPTQSpec, WorldPMConfig
+from .checkpoint import LINEARS, PACKED, Checkpoint, GPTQSpec, WorldPMConfig
 from .kernels.tail import fused_tail, fused_tail_ref
-from .qlinear import pick_backend, swap_in_gptq_linears
+from .qlinear import bnb_weight, check_quant, pick_backend, swap_in_bnb_linears, swap_in_gptq_linears
 
 
 class Backbone(nn.Module):
@@ -84,14 +84,16 @@ def read_weight(ckpt: Checkpoint, name: str) -> torch.Tensor:
 
 
 def meta_model(config: WorldPMConfig, spec: GPTQSpec | None, dtype: torch.dtype = torch.bfloat16,
-               backend: str = "torch") -> WorldPM:
+               backend: str = "torch", quant: str | None = None) -> WorldPM:
     """The model with every parameter on the meta device (shapes and dtypes, no memory); GPTQ
-    linears swapped in when `spec` is given."""
+    linears swapped in when `spec` is given, bitsandbytes ones when `quant` is."""
     with torch.device("meta"):
         model = WorldPM(config)
         model.to(dtype)
         if spec is not None:
             swap_in_gptq_linears(model, spec, backend, bias_dtype=dtype)
+        elif quant is not None:
+            swap_in_bnb_linears(model, quant, dtype)
     return model
 
 
@@ -105,26 +107,38 @@ def device_for(name: str, device_map: dict[str, torch.device]) -> torch.device:
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
                device_map: dict[str, str | int | torch.device] | str | torch.device = "cpu",
-               backend: str = "auto") -> WorldPM:
+               backend: str = "auto", quant: str | None = None) -> WorldPM:
     """Build on the meta device, then put each tensor straight from its shard on its device.
 
     device_map: one device for everything, or module name prefix -> device (e.g. from
     `plan.place`). GPTQ checkpoints get GPTQLinear modules running `backend` ("auto": Triton on
     CUDA devices, the torch reference elsewhere); their packed tensors and fp16 scales keep their
-    dtypes, every other tensor is cast to `dtype`."""
+    dtypes, every other tensor is cast to `dtype`. quant "bnb-nf4" / "bnb-int8" quantizes the
+    decoder linears of a bf16 checkpoint with bitsandbytes as each reaches its device."""
+    check_quant(quant)
+    if quant is not None and ckpt.quant is not None:
+        raise ValueError(f"{ckpt.path}: quant {quant!r} quantizes a bf16 checkpoint; this one is already GPTQ "
+                         f"{ckpt.quant.bits}-bit")
     if not isinstance(device_map, dict):
         device_map = {"": device_map}
     device_map = {k: torch.device(f"cuda:{v}" if isinstance(v, int) else v) for k, v in device_map.items()}
     devices = set(device_map.values())
     kinds = {d.type for d in devices}
     backend = pick_backend(backend, next(iter(devices)) if len(kinds) == 1 else torch.device("cpu"))
-    model = meta_model(ckpt.config, ckpt.quant, dtype, backend)
-    state = {}
+    model = meta_model(ckpt.config, ckpt.quant, dtype, backend, quant)
+    state, on_the_fly = {}, set()
     for name in ckpt.expected():
-        t = ckpt.tensor(name)
+        t, device = ckpt.tensor(name), device_for(name, device_map)
+        if quant is not None and name.removesuffix(".weight").split(".", 3)[-1] in LINEARS:
+            model.get_submodule(name.removesuffix(".weight")).weight = bnb_weight(t.to(dtype), quant, device)
+            on_the_fly.add(name)
+            continue
         floating = t.is_floating_point() and not name.endswith(".scales")
-        state[name] = t.to(device=device_for(name, device_map), dtype=dtype if floating else t.dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+        state[name] = t.to(device=device, dtype=dtype if floating else t.dtype)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not any(k.startswith(n) for n in on_the_fly)]
+    if missing or result.unexpected_keys:  # the checkpoint was validated: this is a bug, not bad input
+        raise RuntimeError(f"loading {ckpt.path}: missing {missing}, unexpected {result.unexpected_keys}")
     model.model.rotary_emb.to(model.input_device)
     model.tail_backend = backend
     return model.eval()

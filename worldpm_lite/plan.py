@@ -150,13 +150,18 @@ def gpu_capacity(max_memory: dict | None) -> dict[int, int]:
     return out
 
 
-def auto_device_map(ckpt, dtype: torch.dtype, max_memory: dict | None, batch_tokens: int) -> dict[str, int]:
-    """Module prefix -> GPU for loading `ckpt`; ValueError with the plan table when it does not fit."""
-    model = meta_model(ckpt.config, ckpt.quant, dtype)
-    reserve = activation_reserve(ckpt.config, batch_tokens, ckpt.quant is not None, dtype.itemsize)
+def auto_device_map(ckpt, dtype: torch.dtype, max_memory: dict | None, batch_tokens: int,
+                    quant: str | None = None) -> dict[str, int]:
+    """Module prefix -> GPU for loading `ckpt` (bitsandbytes `quant` planned as GPTQ of the same bits,
+    group 64); ValueError with the plan table when it does not fit."""
+    from .qlinear import BNB
+
+    spec = GPTQSpec(BNB[quant], 64) if quant else ckpt.quant
+    model = meta_model(ckpt.config, spec, dtype)
+    reserve = activation_reserve(ckpt.config, batch_tokens, spec is not None, dtype.itemsize)
     result = place(model, gpu_capacity(max_memory), reserve)
     if not result.fits:
-        fits = setups_that_fit(model, ckpt.config, batch_tokens, ckpt.quant is not None)
+        fits = setups_that_fit(model, ckpt.config, batch_tokens, spec is not None)
         raise ValueError(f"{ckpt.path}: does not fit these GPUs with {batch_tokens} tokens per batch\n"
                          f"{result.table()}\nsetups that would fit: {', '.join(fits) or 'none of the common ones'}; "
                          "or use a smaller token_budget, or the 4-bit checkpoint")

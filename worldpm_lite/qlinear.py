@@ -6,6 +6,9 @@ Backends (one per model, chosen when loading and reported by `Scorer.backend`):
   triton  GPUs: the fused dequant-matmul kernel up to `fused_max_tokens` rows (decode-like
           shapes, where reading the 4-bit weights is the cost), and above that dequantize to a
           bf16/fp16 scratch matrix plus the vendor GEMM (scoring is prefill: compute-bound).
+
+bitsandbytes NF4 / LLM.int8 linears (`--quant bnb-nf4|bnb-int8`) are the no-calibration baseline:
+a bf16 checkpoint quantized as it loads, as reward-bench loads reward models.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 from .checkpoint import LINEARS, GPTQSpec
 
 BACKENDS = ("torch", "triton")
+BNB = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes, quantized on the fly from a bf16 checkpoint
 # Rows up to which the fused kernel beats dequantize + GEMM. Not yet measured on a GPU:
 # bench/gpu_check.py times both at M = 1, 16, 256, 4096 and reports the crossover.
 FUSED_MAX_TOKENS = 16
@@ -77,10 +81,42 @@ class GPTQLinear(nn.Module):
 
 def swap_in_gptq_linears(model, spec: GPTQSpec, backend: str, bias_dtype=torch.float32) -> None:
     """Replace every decoder linear of a WorldPM (built on the meta device) by a GPTQLinear."""
+    for parent, attr, old in _linear_slots(model):
+        setattr(parent, attr, GPTQLinear(old.in_features, old.out_features, spec, old.bias is not None, backend,
+                                         bias_dtype=bias_dtype))
+
+
+def _linear_slots(model):
+    """(parent module, attribute, linear) for every decoder linear."""
     for layer in model.model.layers:
         for name in LINEARS:
             parent_name, _, attr = name.rpartition(".")
             parent = layer.get_submodule(parent_name)
-            old = getattr(parent, attr)
-            setattr(parent, attr, GPTQLinear(old.in_features, old.out_features, spec, old.bias is not None, backend,
-                                                  bias_dtype=bias_dtype))
+            yield parent, attr, getattr(parent, attr)
+
+
+def swap_in_bnb_linears(model, kind: str, compute_dtype: torch.dtype) -> None:
+    """Replace every decoder linear of a meta-device WorldPM by a bitsandbytes NF4 or int8 linear."""
+    import bitsandbytes as bnb
+
+    for parent, attr, old in _linear_slots(model):
+        args = (old.in_features, old.out_features, old.bias is not None)
+        if kind == "bnb-nf4":
+            new = bnb.nn.Linear4bit(*args, compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+        else:
+            new = bnb.nn.Linear8bitLt(*args, has_fp16_weights=False, threshold=6.0, device="meta")
+        setattr(parent, attr, new)
+
+
+def bnb_weight(w: torch.Tensor, kind: str, device: torch.device):
+    """A bitsandbytes parameter holding w [out, in], quantized as it moves to `device`."""
+    import bitsandbytes as bnb
+
+    if kind == "bnb-nf4":
+        return bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4").to(device)
+    return bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(device)
+
+
+def check_quant(quant: str | None) -> None:
+    if quant is not None and quant not in BNB:
+        raise ValueError(f"quant: expected one of {sorted(BNB)} or None, found {quant!r}")

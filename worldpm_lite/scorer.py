@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,8 @@ class Scorer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
-                        max_memory: dict | None = None, backend: str = "auto", **kwargs) -> Scorer:
+                        max_memory: dict | None = None, backend: str = "auto", quant: str | None = None,
+                        **kwargs) -> Scorer:
         """Load a bf16 or GPTQ checkpoint directory.
 
         device: "cpu", "cuda", "cuda:N", or "auto": every visible GPU, whole decoder layers placed
@@ -100,7 +102,8 @@ class Scorer:
         minus a reserve for the activations of `token_budget` tokens; the CPU when there is no GPU.
         Each tensor goes from its shard straight to its device.
         dtype defaults to float32 on CPU and bfloat16 on GPU. backend: for GPTQ linears and the
-        tail, "auto" (Triton on GPUs, torch on CPU), "torch" or "triton"."""
+        tail, "auto" (Triton on GPUs, torch on CPU), "torch" or "triton". quant: "bnb-nf4" or
+        "bnb-int8" quantizes a bf16 checkpoint's decoder linears with bitsandbytes while loading."""
         if isinstance(dtype, str):
             if dtype not in DTYPE_NAMES:
                 raise ValueError(f"dtype: expected one of {sorted(DTYPE_NAMES)}, found {dtype!r}")
@@ -109,7 +112,7 @@ class Scorer:
         device_map = device
         if device == "auto" and torch.cuda.is_available():
             device_map = auto_device_map(ckpt, dtype or torch.bfloat16, max_memory,
-                                         kwargs.get("token_budget", DEFAULT_TOKEN_BUDGET))
+                                         kwargs.get("token_budget", DEFAULT_TOKEN_BUDGET), quant)
         elif max_memory is not None:
             raise ValueError("max_memory: only used with device='auto' on a machine with GPUs")
         elif device == "auto":
@@ -117,7 +120,7 @@ class Scorer:
         first = torch.device(device_map if isinstance(device_map, str) else "cuda")
         if dtype is None:
             dtype = torch.float32 if first.type == "cpu" else torch.bfloat16
-        return cls(load_model(ckpt, dtype, device_map, backend), load_tokenizer(path), **kwargs)
+        return cls(load_model(ckpt, dtype, device_map, backend, quant), load_tokenizer(path), **kwargs)
 
     @property
     def backend(self) -> str:
@@ -126,7 +129,9 @@ class Scorer:
         devices = sorted({str(p.device) for p in m.parameters()})
         quant = next((q for q in m.modules() if isinstance(q, GPTQLinear)), None)
         dtype = str(m.score[0].weight.dtype).removeprefix("torch.")
-        weights = f"{dtype} linears" if quant is None else quant.describe()
+        bnb = next((type(q).__name__ for q in m.modules() if type(q).__module__.startswith("bitsandbytes")), None)
+        weights = (quant.describe() if quant is not None else f"bitsandbytes {bnb} linears (quantized while loading)"
+                   if bnb else f"dense {dtype} linears")
         tail = "Triton fused tail" if m.tail_backend == "triton" else "torch tail"
         return f"{weights}; {tail}; {dtype} compute on {', '.join(devices)}"
 
@@ -152,7 +157,9 @@ class Scorer:
             for row, i in enumerate(batch):
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
             last = torch.tensor([len(encoded[i]) - 1 for i in batch])  # [B] the <|endoftext|> positions
-            out = self.model(ids, last).tolist()
+            with warnings.catch_warnings():  # bitsandbytes int8 says this on every call with fp32/bf16 inputs
+                warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+                out = self.model(ids, last).tolist()
             for i, s in zip(batch, out):
                 scores[i] = s
             if progress is not None:
