@@ -97,7 +97,10 @@ def _linear_slots(model):
 
 def swap_in_bnb_linears(model, kind: str, compute_dtype: torch.dtype) -> None:
     """Replace every decoder linear of a meta-device WorldPM by a bitsandbytes NF4 or int8 linear."""
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError(f"quant {kind!r} needs bitsandbytes: pip install 'worldpm-lite[bnb]'") from None
 
     for parent, attr, old in _linear_slots(model):
         args = (old.in_features, old.out_features, old.bias is not None)
