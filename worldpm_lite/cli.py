@@ -204,6 +204,34 @@ def cmd_plan(args):
     return 1
 
 
+def cmd_fidelity(args):
+    from .data import read_requests
+    from .fidelity import Candidate, run_fidelity, write_report
+
+    if Path(args.report).exists() and not args.overwrite:
+        raise UsageError(f"--report {args.report}: already exists (pass --overwrite to replace it)")
+    if not Path(args.report).absolute().parent.is_dir():
+        raise UsageError(f"--report {args.report}: folder {Path(args.report).absolute().parent} does not exist")
+    requests = read_requests(args.data)
+    scorer_args = dict(device=args.device, dtype=args.dtype, backend=args.backend, token_budget=args.token_budget,
+                       truncation="left" if args.truncate else "error")
+    try:
+        report, ref, scores = run_fidelity(args.reference, [Candidate.parse(c) for c in args.candidate], requests,
+                                           data=args.data, margin=args.margin, scorer_args=scorer_args,
+                                           progress=_progress, log=lambda m: print(m, file=sys.stderr))
+    except ConversationError as e:
+        raise UsageError(f"{args.data}: {e}") from None
+    out = write_report(report, ref, scores, args.report, overwrite=args.overwrite)
+    print(f"wrote {out}/report.json, report.md, scatter.png, errors.png")
+    print(f"{'candidate':<32} {'agreement':>9} {'Spearman':>9} {'mean|err|':>9} {'max|err|':>9}")
+    for c in report["candidates"]:
+        m = c["metrics"]
+        agreement = "n/a" if m["pairwise_agreement"] is None else f"{m['pairwise_agreement']:.4f}"
+        spearman = "n/a" if m["spearman"] is None else f"{m['spearman']:.4f}"
+        print(f"{c['label'][:32]:<32} {agreement:>9} {spearman:>9} {m['mean_abs_error']:>9.4f} "
+              f"{m['max_abs_error']:>9.4f}")
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -281,6 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory when done")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("fidelity", help="how closely quantized models' scores follow a reference's",
+                       description="Score one JSONL file (any format `score` reads) with a reference model and each "
+                       "candidate, and write report.json, report.md, scatter.png and errors.png: pairwise agreement "
+                       "(all compared pairs, and those with a clear reference margin), label accuracy for "
+                       "chosen/rejected data, Spearman, Pearson, Kendall tau per ranking prompt, mean/max absolute "
+                       "error and the linear fit of candidate on reference scores.")
+    p.add_argument("--reference", required=True, help="the reference model directory (usually the bf16 one)")
+    p.add_argument("--candidate", required=True, action="append", help="a model directory to compare; repeat for "
+                   "more. bnb-nf4:DIR or bnb-int8:DIR loads a bf16 directory through bitsandbytes")
+    p.add_argument("--data", required=True, help="JSONL: conversations, chosen/rejected pairs or rankings")
+    p.add_argument("--report", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--margin", type=float, default=0.5,
+                   help="also report agreement on pairs whose reference scores differ by more than this (default 0.5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="as for score")
+    p.add_argument("--token-budget", type=int, default=8192, help="padded tokens per forward pass (default: 8192)")
+    p.add_argument("--truncate", action="store_true", help="keep the last tokens of too-long conversations")
+    p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("plan", help="will a model fit these GPUs? which layers go where?",
                        description="Place whole decoder layers, in order, on each GPU under its memory minus a "

@@ -258,15 +258,16 @@ def make_tiny(out: str | Path, seed: int = 0, log=print, train_cfg: TrainConfig 
 TINY_QUANT = {"samples": 64, "seq_len": 256}  # calibration for the small model's quantized variants
 
 
-def tiny_quantized_dir(bits: int, seed: int = 0, log=print) -> Path:
-    """The small model GPTQ-quantized to `bits` (group 128, symmetric), built on first use."""
+def tiny_quantized_dir(bits: int, seed: int = 0, log=print, method: str = "gptq") -> Path:
+    """The small model quantized to `bits` (group 128, symmetric) with GPTQ or, as the baseline,
+    round-to-nearest; built on first use."""
     from .quantize.run import QuantizeSettings, quantize_checkpoint
 
     src = tiny_model_dir(seed, log=log)
-    path = src.with_name(f"{src.name}-gptq{bits}")
+    path = src.with_name(f"{src.name}-{method}{bits}")
     if not (path / "config.json").exists():
-        log(f"quantizing the small model to {bits} bits once into {path}")
-        quantize_checkpoint(src, path, QuantizeSettings(bits=bits, **TINY_QUANT), overwrite=True,
+        log(f"quantizing the small model to {bits} bits ({method}) once into {path}")
+        quantize_checkpoint(src, path, QuantizeSettings(bits=bits, method=method, **TINY_QUANT), overwrite=True,
                             resume=path.with_name(f".{path.name}.partial").exists(), log=log)
     return path
 

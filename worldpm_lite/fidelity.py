@@ -1,0 +1,240 @@
+"""Fidelity: how closely candidate models' scores follow a reference's on the same data.
+
+Every model scores the same token sequences (the reference's tokenizer encodes the data once;
+a candidate with a different tokenizer is refused). Metrics per candidate, against the reference:
+  pairwise agreement   share of compared pairs the candidate orders as the reference does; the
+                       pairs are those inside each request (a chosen/rejected pair, all pairs of a
+                       ranking), or, when the data holds only single conversations, all pairs of them
+  ... above margin     the same over pairs whose reference scores differ by more than `margin`
+  label accuracy       share of chosen/rejected pairs where chosen scores higher (also for the reference)
+  Spearman, Pearson    of the scores; Kendall tau per ranking prompt, averaged
+  mean / max |error|   of the scores; scale and offset of the least-squares fit candidate = a * ref + b
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .data import Request
+
+MAX_ALL_PAIRS = 2_000_000  # single conversations only: all pairs up to this many, else a fixed random sample
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: str
+    quant: str | None = None  # "bnb-nf4" / "bnb-int8": a bf16 checkpoint quantized while loading
+
+    @classmethod
+    def parse(cls, text: str) -> Candidate:
+        """'DIR', or 'bnb-nf4:DIR' / 'bnb-int8:DIR'."""
+        for quant in ("bnb-nf4", "bnb-int8"):
+            if text.startswith(quant + ":"):
+                return cls(text[len(quant) + 1:], quant)
+        return cls(text)
+
+    @property
+    def label(self) -> str:
+        name = Path(self.path).name or self.path
+        return f"{name} ({self.quant})" if self.quant else name
+
+
+def compared_pairs(requests: list[Request], seed: int = 0) -> np.ndarray:
+    """[P, 2] indices into the flattened conversations, ordered (first, second)."""
+    pairs, k = [], 0
+    for r in requests:
+        n = len(r.conversations)
+        pairs += [(k + i, k + j) for i, j in combinations(range(n), 2)]
+        k += n
+    if pairs:
+        return np.array(pairs, dtype=np.int64)
+    if k * (k - 1) // 2 <= MAX_ALL_PAIRS:
+        i, j = np.triu_indices(k, 1)
+        return np.stack([i, j], axis=1).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    i, j = rng.integers(0, k, MAX_ALL_PAIRS), rng.integers(0, k, MAX_ALL_PAIRS)
+    keep = i != j
+    return np.stack([i[keep], j[keep]], axis=1)
+
+
+def label_pairs(requests: list[Request]) -> np.ndarray:
+    """[L, 2] (chosen, rejected) indices of the pair requests."""
+    out, k = [], 0
+    for r in requests:
+        if r.kind == "pair":
+            out.append((k, k + 1))
+        k += len(r.conversations)
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def rankings(requests: list[Request]) -> list[np.ndarray]:
+    out, k = [], 0
+    for r in requests:
+        if r.kind == "ranking" and len(r.conversations) >= 3:
+            out.append(np.arange(k, k + len(r.conversations)))
+        k += len(r.conversations)
+    return out
+
+
+def compare(ref: np.ndarray, cand: np.ndarray, requests: list[Request], margin: float) -> dict:
+    """Every metric of `cand` against `ref` (one score per flattened conversation)."""
+    from scipy import stats
+
+    pairs = compared_pairs(requests)
+    d_ref = ref[pairs[:, 0]] - ref[pairs[:, 1]]
+    d_cand = cand[pairs[:, 0]] - cand[pairs[:, 1]]
+    decided = d_ref != 0  # a tie in the reference has no preference to agree with
+    agree = np.sign(d_ref) == np.sign(d_cand)
+    wide = np.abs(d_ref) > margin
+    labels = label_pairs(requests)
+    taus = [stats.kendalltau(ref[idx], cand[idx]).statistic for idx in rankings(requests)]
+    err = cand - ref
+    scale, offset = np.polyfit(ref, cand, 1) if len(ref) > 1 and np.ptp(ref) > 0 else (float("nan"), float("nan"))
+    constant = len(ref) < 2 or np.ptp(ref) == 0 or np.ptp(cand) == 0
+    return {
+        "pairs": int(decided.sum()),
+        "pairwise_agreement": float(agree[decided].mean()) if decided.any() else None,
+        "pairs_above_margin": int(wide.sum()),
+        "pairwise_agreement_above_margin": float(agree[wide].mean()) if wide.any() else None,
+        "label_pairs": len(labels),
+        "label_accuracy": float((cand[labels[:, 0]] > cand[labels[:, 1]]).mean()) if len(labels) else None,
+        "spearman": None if constant else float(stats.spearmanr(ref, cand).statistic),
+        "pearson": None if constant else float(stats.pearsonr(ref, cand).statistic),
+        "ranking_prompts": len(taus),
+        "kendall_tau_per_prompt": float(np.nanmean(taus)) if taus else None,
+        "mean_abs_error": float(np.abs(err).mean()),
+        "max_abs_error": float(np.abs(err).max()),
+        "fit_scale": float(scale),
+        "fit_offset": float(offset),
+    }
+
+
+def check_same_tokenizer(reference: Path, candidate: Path) -> None:
+    for name in TOKENIZER_FILES:
+        a, b = reference / name, candidate / name
+        if a.exists() and (not b.exists() or a.read_bytes() != b.read_bytes()):
+            raise ValueError(f"{candidate}: {name} differs from the reference's ({a}); fidelity compares models "
+                             "that read the same tokens")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown(report: dict) -> str:
+    keys = [("pairwise_agreement", "pairwise agreement"),
+            ("pairwise_agreement_above_margin", f"agreement, reference margin > {report['margin']}"),
+            ("label_accuracy", "label accuracy"), ("spearman", "Spearman"), ("pearson", "Pearson"),
+            ("kendall_tau_per_prompt", "Kendall tau per prompt"), ("mean_abs_error", "mean abs error"),
+            ("max_abs_error", "max abs error"), ("fit_scale", "fit scale a"), ("fit_offset", "fit offset b")]
+    cands = report["candidates"]
+    lines = ["# Fidelity report\n", f"reference: `{report['reference']}`  ",
+             f"data: `{report['data']}`: {report['requests']} requests, {report['conversations']} conversations, "
+             f"{report['pairs']} compared pairs ({report['pairs_above_margin']} with reference margin > "
+             f"{report['margin']}), {report['label_pairs']} labelled pairs  ",
+             f"reference label accuracy: {_fmt(report['reference_label_accuracy'])}\n",
+             "| metric | " + " | ".join(c["label"] for c in cands) + " |",
+             "| --- |" + " --- |" * len(cands)]
+    lines += [f"| {title} | " + " | ".join(_fmt(c["metrics"][k]) for c in cands) + " |" for k, title in keys]
+    lines += ["", "Fit: candidate score = a x reference score + b. Plots: `scatter.png`, `errors.png`.", ""]
+    return "\n".join(lines)
+
+
+def plots(ref: np.ndarray, scores: dict[str, np.ndarray], out: Path) -> None:
+    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
+
+    n = len(scores)
+    fig = Figure(figsize=(4.2 * n, 4.2), layout="constrained")
+    lo, hi = min(ref.min(), *(s.min() for s in scores.values())), max(ref.max(), *(s.max() for s in scores.values()))
+    for ax, (label, s) in zip(fig.subplots(1, n, squeeze=False)[0], scores.items()):
+        ax.scatter(ref, s, s=5, alpha=0.5)
+        ax.plot([lo, hi], [lo, hi], color="gray", linewidth=0.8)
+        ax.set(title=label, xlabel="reference score", ylabel="candidate score")
+    fig.savefig(out / "scatter.png", dpi=100)
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for label, s in scores.items():
+        ax.hist(s - ref, bins=60, alpha=0.5, label=label)
+    ax.set(xlabel="candidate - reference score", ylabel="conversations", title="score errors")
+    ax.legend()
+    fig.savefig(out / "errors.png", dpi=100)
+
+
+def write_report(report: dict, ref: np.ndarray, scores: dict[str, np.ndarray], out: str | Path,
+                 overwrite: bool = False) -> Path:
+    """report.json, report.md, scatter.png, errors.png into `out`, built beside it and renamed into
+    place whole (an existing `out` is refused unless overwrite)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out}: folder {out.parent} does not exist")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / "report.md").write_text(markdown(report))
+    plots(ref, scores, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def run_fidelity(reference: str, candidates: list[Candidate], requests: list[Request], *, data: str = "",
+                 margin: float = 0.5, scorer_args: dict | None = None, progress=None,
+                 log=print) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
+    """Score `requests` with the reference and every candidate; the report dict and the scores."""
+    from .scorer import Scorer
+
+    if not candidates:
+        raise ValueError("candidates: expected at least one")
+    scorer_args = scorer_args or {}
+    ref_ckpt = Checkpoint(reference)
+    for c in candidates:
+        cfg = Checkpoint(c.path).config  # validates the directory before any scoring starts
+        if (cfg.hidden_size, cfg.vocab_size) != (ref_ckpt.config.hidden_size, ref_ckpt.config.vocab_size):
+            log(f"note: {c.path} has another architecture than the reference (hidden {cfg.hidden_size}, "
+                f"vocab {cfg.vocab_size}): comparing scores of different models")
+        check_same_tokenizer(Path(reference), Path(c.path))
+    conversations = [c for r in requests for c in r.conversations]
+    names = [c.label for c in candidates]
+    if len(set(names)) < len(names):  # two folders with the same name: tell them apart by path
+        names = [f"{c.path} ({c.quant})" if c.quant else c.path for c in candidates]
+
+    def score(scorer, label: str, encoded: list[list[int]]) -> np.ndarray:
+        log(f"{label}: {scorer.backend}")
+        bar = progress(len(encoded), label) if progress else None
+        try:
+            return np.array(scorer.score_ids(encoded, progress=bar), dtype=np.float64)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    ref_scorer = Scorer.from_pretrained(reference, **scorer_args)
+    encoded = ref_scorer.encode(conversations)  # once: every model reads the same tokens
+    ref = score(ref_scorer, "reference", encoded)
+    del ref_scorer
+    scores = {}
+    for c, name in zip(candidates, names):
+        scores[name] = score(Scorer.from_pretrained(c.path, quant=c.quant, **scorer_args), name, encoded)
+    labels = label_pairs(requests)
+    pairs = compared_pairs(requests)
+    d_ref = ref[pairs[:, 0]] - ref[pairs[:, 1]]
+    report = {
+        "reference": str(reference), "data": str(data), "margin": margin, "requests": len(requests),
+        "conversations": len(conversations), "pairs": int((d_ref != 0).sum()),
+        "pairs_above_margin": int((np.abs(d_ref) > margin).sum()), "label_pairs": len(labels),
+        "reference_label_accuracy": float((ref[labels[:, 0]] > ref[labels[:, 1]]).mean()) if len(labels) else None,
+        "candidates": [{"label": name, "path": c.path, "quant": c.quant,
+                        "metrics": compare(ref, scores[name], requests, margin)} for c, name in zip(candidates, names)],
+    }
+    return report, ref, scores
