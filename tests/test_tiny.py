@@ -1,6 +1,7 @@
 """The trained small model: the instrument of later fidelity measurements must really discriminate."""
 
 import json
+import re
 
 from worldpm_lite.cli import main
 from worldpm_lite.scorer import Scorer
@@ -30,6 +31,9 @@ def test_demo_runs_offline(tiny_dir, capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "WorldPM README pair" in out and "real reply preferred in" in out
+    assert "GPTQ 4-bit linears, torch reference" in out  # which backend ran
+    summary = re.search(r"4-bit\s+(0\.\d+)\s+(0\.\d+)", out.split("fidelity on all 500 held-out pairs")[1])
+    assert float(summary.group(1)) >= 0.97 and float(summary.group(2)) >= 0.98
 
 
 def test_make_tiny_cli_is_deterministic_and_refuses_existing(tmp_path, capsys):

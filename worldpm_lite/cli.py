@@ -39,20 +39,27 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="conv", file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
+def _gpu_sizes(text: str, flag: str) -> dict[int, int]:
+    """'24GiB,24GiB' -> {0: bytes, 1: bytes}."""
+    from .plan import parse_size
+
+    try:
+        return dict(enumerate(parse_size(g) for g in text.split(",")))
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
+def _scorer_args(args) -> dict:
+    """Scorer.from_pretrained keyword arguments from the options of _add_compute."""
+    return dict(device=args.device, dtype=args.dtype, backend=args.backend, token_budget=args.token_budget,
+                max_memory=_gpu_sizes(args.max_memory, "--max-memory") if args.max_memory else None,
+                truncation="left" if args.truncate else "error")
+
+
 def _scorer(args):
     from .scorer import Scorer
 
-    max_memory = None
-    if args.max_memory:
-        from .plan import parse_size
-
-        try:
-            max_memory = dict(enumerate(parse_size(g) for g in args.max_memory.split(",")))
-        except ValueError as e:
-            raise UsageError(f"--max-memory: {e}") from None
-    scorer = Scorer.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_memory=max_memory,
-                                    backend=args.backend, quant=args.quant, token_budget=args.token_budget,
-                                    truncation="left" if args.truncate else "error")
+    scorer = Scorer.from_pretrained(args.model, quant=args.quant, **_scorer_args(args))
     print(f"backend: {scorer.backend}", file=sys.stderr)
     return scorer
 
@@ -169,7 +176,7 @@ def cmd_plan(args):
 
     from .checkpoint import Checkpoint, GPTQSpec
     from .model import meta_model
-    from .plan import GIB, PRESETS, activation_reserve, parse_size, place, setups_that_fit
+    from .plan import GIB, PRESETS, activation_reserve, place, setups_that_fit
 
     if args.model.lower() in PRESETS:
         config, spec, name = PRESETS[args.model.lower()], None, args.model.lower()
@@ -181,10 +188,7 @@ def cmd_plan(args):
         spec = GPTQSpec(bits, spec.group_size if spec else 128)
     else:
         spec = None
-    try:
-        capacity = dict(enumerate(parse_size(g) for g in args.gpus.split(",")))
-    except ValueError as e:
-        raise UsageError(f"--gpus: {e}") from None
+    capacity = _gpu_sizes(args.gpus, "--gpus")
     model = meta_model(config, spec, torch.bfloat16)
     reserve = activation_reserve(config, args.batch_tokens, spec is not None)
     result = place(model, capacity, reserve)
@@ -213,8 +217,7 @@ def cmd_fidelity(args):
     if not Path(args.report).absolute().parent.is_dir():
         raise UsageError(f"--report {args.report}: folder {Path(args.report).absolute().parent} does not exist")
     requests = read_requests(args.data)
-    scorer_args = dict(device=args.device, dtype=args.dtype, backend=args.backend, token_budget=args.token_budget,
-                       truncation="left" if args.truncate else "error")
+    scorer_args = _scorer_args(args)
     try:
         report, ref, scores = run_fidelity(args.reference, [Candidate.parse(c) for c in args.candidate], requests,
                                            data=args.data, margin=args.margin, scorer_args=scorer_args,
@@ -240,6 +243,13 @@ def cmd_demo(args):
 
 def _add_runtime(p):
     p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer files)")
+    p.add_argument("--quant", choices=["bnb-nf4", "bnb-int8"], help="quantize a bf16 checkpoint with bitsandbytes "
+                   "while loading (the no-calibration baseline)")
+    _add_compute(p)
+
+
+def _add_compute(p):
+    """Where and how models run: the options every scoring command shares."""
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto: whole layers spread over every "
                    "visible GPU (the CPU when there is none) (default: cpu)")
     p.add_argument("--max-memory", help="with --device auto: memory to use on each GPU, e.g. 22GiB,22GiB "
@@ -247,8 +257,6 @@ def _add_runtime(p):
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="GPTQ linears and the tail: torch reference or Triton kernels (default: auto = Triton on "
                    "GPUs, torch on CPU)")
-    p.add_argument("--quant", choices=["bnb-nf4", "bnb-int8"], help="quantize a bf16 checkpoint with bitsandbytes "
-                   "while loading (the no-calibration baseline)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--token-budget", type=int, default=8192,
@@ -324,12 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.5,
                    help="also report agreement on pairs whose reference scores differ by more than this (default 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="as for score")
-    p.add_argument("--token-budget", type=int, default=8192, help="padded tokens per forward pass (default: 8192)")
-    p.add_argument("--truncate", action="store_true", help="keep the last tokens of too-long conversations")
+    _add_compute(p)
     p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("plan", help="will a model fit these GPUs? which layers go where?",

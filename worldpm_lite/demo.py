@@ -1,11 +1,16 @@
 """`worldpm-lite demo`: the whole path on the built-in small model, offline, on the CPU:
-train (once), quantize to 8 and 4 bits (once), score with all three side by side."""
+train (once), quantize to 8 and 4 bits (once), score with all three side by side, and end with
+how faithful the quantized variants are on the held-out pairs."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from .cli import README_PAIR
+from .data import parse_request
+from .fidelity import compare
 from .scorer import Scorer
 from .tiny import REJECTION_KINDS, heldout_pairs, tiny_model_dir, tiny_quantized_dir
 
@@ -56,3 +61,16 @@ def run_demo(seed: int = 0, log=print):
                     for k in range(len(pairs)))
         print(f"  {n:>5}: real reply preferred in {wins}/{len(pairs)}; same choice as bf16 in {agree}/{len(pairs)}; "
               f"largest score change vs bf16 {drift:.3f}")
+
+    all_pairs = heldout_pairs(path)
+    requests = [parse_request({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) for p in all_pairs]
+    seqs = [ids for p in all_pairs for ids in (p.chosen_ids, p.rejected_ids)]
+    held = {n: np.array(s.score_ids(seqs)) for n, s in scorers.items()}
+    print(f"\nfidelity on all {len(all_pairs)} held-out pairs ({len(seqs)} conversations), vs bf16 "
+          "(worldpm-lite fidelity writes the full report)")
+    print(f"  {'':>5}  {'agreement':>9}  {'Spearman':>8}  {'mean|err|':>9}  {'max|err|':>8}  {'accuracy':>8}")
+    for n in ("8-bit", "4-bit"):
+        m = compare(held["bf16"], held[n], requests, margin=0.5)
+        print(f"  {n:>5}  {m['pairwise_agreement']:9.4f}  {m['spearman']:8.4f}  {m['mean_abs_error']:9.4f}  "
+              f"{m['max_abs_error']:8.4f}  {m['label_accuracy']:8.3f}")
+    print(f"  (bf16 held-out accuracy {compare(held['bf16'], held['bf16'], requests, 0.5)['label_accuracy']:.3f})")
