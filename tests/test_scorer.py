@@ -62,6 +62,7 @@ def test_bad_arguments(small_dir, scorer):
         Scorer(scorer.model, scorer.tokenizer, truncation="right")
     with pytest.raises(ValueError, match="token_budget"):
         Scorer(scorer.model, scorer.tokenizer, token_budget=0)
+    assert scorer.token_budget == 2048  # the CPU default (8192 on a GPU)
     with pytest.raises(ValueError, match="dtype: expected one of"):
         Scorer.from_pretrained(small_dir, dtype="int4")
     with pytest.raises(ConversationError, match="role"):

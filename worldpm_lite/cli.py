@@ -259,8 +259,9 @@ def _add_compute(p):
                    "GPUs, torch on CPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--token-budget", type=int, default=8192,
-                   help="padded tokens per forward pass; conversations are length-sorted into batches (default: 8192)")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="padded tokens per forward pass; conversations are length-sorted into batches (default: "
+                   "8192 on GPUs, 2048 on the CPU)")
     p.add_argument("--truncate", action="store_true",
                    help="drop the oldest tokens of a conversation longer than the model's positions "
                         "(default: refuse it with an error)")
@@ -368,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for flag in ("token_budget", "batch_tokens"):
-        if getattr(args, flag, 1) < 1:
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
             print(f"worldpm-lite: error: --{flag.replace('_', '-')} must be a positive integer", file=sys.stderr)
             return 2
     try:
