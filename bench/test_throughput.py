@@ -68,7 +68,7 @@ def transformers_model(path):
 
 
 def run(name, benchmark, fn, tokens):
-    out = benchmark.pedantic(fn, rounds=2, iterations=1, warmup_rounds=0)
+    out = benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=0)
     SECONDS[name] = benchmark.stats.stats.median
     SCORES[name] = out
     benchmark.extra_info["tokens_per_s"] = tokens / SECONDS[name]
