@@ -133,6 +133,9 @@ def test_auto_device_map_splits_whole_layers_and_refuses_what_does_not_fit(small
         auto_device_map(ckpt, torch.bfloat16, {0: half}, 64)
     with pytest.raises(ValueError, match="max_memory"):
         Scorer.from_pretrained(small_dir, device="cpu", max_memory={0: "1GiB"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            Scorer.from_pretrained(small_dir, device="cuda:0")
 
 
 def test_plan_worldpm_72b_fits_two_24gb_gpus_only_at_4_bits(capsys):

@@ -113,6 +113,8 @@ class Scorer:
             if dtype not in DTYPE_NAMES:
                 raise ValueError(f"dtype: expected one of {sorted(DTYPE_NAMES)}, found {dtype!r}")
             dtype = DTYPE_NAMES[dtype]
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is visible here (use cpu, or auto)")
         ckpt = Checkpoint(path)
         device_map = device
         if device == "auto" and torch.cuda.is_available():
