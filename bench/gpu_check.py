@@ -30,7 +30,7 @@ from worldpm_lite.quantize.gptq import QuantConfig, rtn
 from worldpm_lite.quantize.pack import pack
 
 from worldpm_lite.checkpoint import GPTQSpec, WorldPMConfig
-from worldpm_lite.model import WorldPM, meta_model
+from worldpm_lite.model import WorldPM, cast_parameters, meta_model
 from worldpm_lite.plan import WORLDPM_72B
 from worldpm_lite.qlinear import GPTQLinear
 
@@ -160,7 +160,8 @@ def build(config: WorldPMConfig, device, bits: int | None, backend: str) -> Worl
     """Random WorldPM in bf16 on `device`; with bits, its decoder linears RTN-quantized into GPTQ tensors."""
     torch.manual_seed(3)
     with torch.device(device):
-        dense = WorldPM(config).to(torch.bfloat16)
+        dense = cast_parameters(WorldPM(config), torch.bfloat16)
+    dense.model.rotary_emb.to(device)
     if bits is None:
         return dense.eval()
     model = meta_model(config, GPTQSpec(bits, 128), torch.bfloat16, backend)

@@ -184,3 +184,9 @@ def test_bitsandbytes_baselines_quantize_a_bf16_checkpoint_while_loading(small_d
     assert main(["score", "--model", str(small_dir), "--input", str(src), "--quant", "bnb-nf4"]) == 0
     captured = capsys.readouterr()
     assert "backend: bitsandbytes Linear4bit" in captured.err and '"chosen_score"' in captured.out
+
+
+def test_bf16_loading_keeps_rope_frequencies_in_fp32(small_dir):
+    model = Scorer.from_pretrained(small_dir, dtype="bfloat16").model
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # bf16 would shift angles at long positions
+    assert model.score[0].weight.dtype == model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16

@@ -89,11 +89,20 @@ def meta_model(config: WorldPMConfig, spec: GPTQSpec | None, dtype: torch.dtype 
     linears swapped in when `spec` is given, bitsandbytes ones when `quant` is."""
     with torch.device("meta"):
         model = WorldPM(config)
-        model.to(dtype)
+        cast_parameters(model, dtype)
         if spec is not None:
             swap_in_gptq_linears(model, spec, backend, bias_dtype=dtype)
         elif quant is not None:
             swap_in_bnb_linears(model, quant, dtype)
+    return model
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Parameters to `dtype`; buffers keep theirs. `model.to(dtype)` would also round RoPE's
+    inv_freq to bf16, and the rotation angle error grows with the position."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
     return model
 
 
