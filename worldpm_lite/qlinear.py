@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import LINEARS, GPTQSpec
+from .kernels.gptq import dequantize, dequantize_ref, gptq_matmul
 
 BACKENDS = ("torch", "triton")
 BNB = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes, quantized on the fly from a bf16 checkpoint
@@ -57,14 +58,10 @@ class GPTQLinear(nn.Module):
         x = x.reshape(-1, self.in_features)  # [M, in]
         packed = (self.qweight, self.qzeros, self.scales, self.g_idx)
         if self.backend == "triton":
-            from .kernels.gptq import dequantize, gptq_matmul
-
             if x.shape[0] <= self.fused_max_tokens:
                 return gptq_matmul(x, *packed, self.bits, bias=self.bias).reshape(*shape[:-1], self.out_features)
             w = dequantize(*packed, self.bits, x.dtype)  # [in, out] scratch, freed after the GEMM
         else:
-            from .kernels.gptq import dequantize_ref
-
             w = dequantize_ref(*packed, self.bits, x.dtype)
         y = x @ w if self.bias is None else torch.addmm(self.bias.to(x.dtype), x, w)
         return y.reshape(*shape[:-1], self.out_features)
