@@ -11,7 +11,9 @@
    copy bandwidth measured here.
 4. End to end: a WorldPM-shaped model with a few full-width layers (random weights), scoring
    tokens/s in bf16 and in 4-bit (RTN-packed GPTQ tensors) with the torch and Triton backends.
-Exits 1 if any check fails.
+5. GPTQ of one full-size WorldPM-72B layer on the GPU (bench/quantize_layer_cost.py), and the
+   80-layer extrapolation (--no-quantize skips it).
+A short table comes last; everything goes to --out as JSON. Exits 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -202,10 +204,31 @@ def end_to_end(device, smoke: bool, layers: int) -> list[dict]:
     return rows
 
 
+def summary(result: dict) -> None:
+    """The short table printed last."""
+    print("\nsummary (" + result["device"] + ")")
+    for r in result["matmul"]:
+        print(f"  matmul K={r['K']} N={r['N']} M={r['M']}: fused {r['fused_ms'] / r['bf16_matmul_ms']:.2f}x bf16 time, "
+              f"dequant+GEMM {r['dequant_gemm_ms'] / r['bf16_matmul_ms']:.2f}x")
+    wins = sorted({r["M"] for r in result["matmul"] if r["fused_wins"]})
+    print(f"  fused dequant-matmul beats dequantize + GEMM at M in {wins} (runtime default: fused up to 16 tokens)")
+    for r in result["tail"]:
+        frac = r["fraction_of_copy_bandwidth"]
+        print(f"  tail B={r['B']}: {r['GB_per_s']:.0f} GB/s" + (f" ({frac:.0%} of copy bandwidth)" if frac else ""))
+    e2e = {r["variant"]: r["tokens_per_s"] for r in result["end_to_end"]}
+    print("  scoring tokens/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in e2e.items()))
+    if "quantize_layer" in result:
+        q = result["quantize_layer"]
+        print(f"  GPTQ of one layer (hidden {q['hidden_size']}): {q['seconds_per_layer']} s, "
+              f"80 layers {q['extrapolated_80_layers_hours']} h")
+    print(f"  {len(result['failures'])} failed checks; {result['seconds']:.0f} s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, for the CPU with TRITON_INTERPRET=1")
     ap.add_argument("--layers", type=int, default=4, help="full-width decoder layers in the end-to-end model")
+    ap.add_argument("--no-quantize", action="store_true", help="skip step 5 (GPTQ of one full-size layer)")
     ap.add_argument("--out", default="bench/results/gpu_check.json")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -218,13 +241,21 @@ def main():
     bandwidth = copy_bandwidth(device)
     result = {"device": name, "torch": torch.__version__, "copy_bandwidth_GB_per_s": bandwidth,
               "matmul": matmul_timings(device, args.smoke), "tail": tail_timings(device, args.smoke, bandwidth or 1),
-              "end_to_end": end_to_end(device, args.smoke, args.layers), "failures": FAILURES}
-    wins = [r["M"] for r in result["matmul"] if r["fused_wins"]]
-    print(f"fused dequant-matmul faster than dequantize + GEMM at M in {sorted(set(wins))}")
+              "end_to_end": end_to_end(device, args.smoke, args.layers)}
+    if not args.no_quantize:
+        print("5. GPTQ of one decoder layer (4-bit g128, 512 calibration tokens)")
+        from quantize_layer_cost import measure  # bench/ is this script's folder
+
+        config = WORLDPM_72B if not args.smoke else dataclasses.replace(WORLDPM_72B, hidden_size=256,
+                                                                        intermediate_size=512, num_attention_heads=4,
+                                                                        num_key_value_heads=2)
+        result["quantize_layer"] = measure(config, device, tokens=512, seq_len=256)
+    result["failures"] = FAILURES
     result["seconds"] = time.time() - start
+    summary(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{len(FAILURES)} failed checks; {result['seconds']:.0f} s; wrote {args.out}")
+    print(f"wrote {args.out}")
     sys.exit(1 if FAILURES else 0)
 
 
