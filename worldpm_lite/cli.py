@@ -172,40 +172,11 @@ def cmd_quantize(args):
 
 
 def cmd_plan(args):
-    import torch
+    from .plan import plan_report
 
-    from .checkpoint import Checkpoint, GPTQSpec
-    from .model import meta_model
-    from .plan import GIB, PRESETS, activation_reserve, place, setups_that_fit
-
-    if args.model.lower() in PRESETS:
-        config, spec, name = PRESETS[args.model.lower()], None, args.model.lower()
-    else:
-        ckpt = Checkpoint(args.model)
-        config, spec, name = ckpt.config, ckpt.quant, str(ckpt.path)
-    bits = args.bits or (spec.bits if spec else 4 if args.model.lower() in PRESETS else 16)
-    if bits != 16:
-        spec = GPTQSpec(bits, spec.group_size if spec else 128)
-    else:
-        spec = None
-    capacity = _gpu_sizes(args.gpus, "--gpus")
-    model = meta_model(config, spec, torch.bfloat16)
-    reserve = activation_reserve(config, args.batch_tokens, spec is not None)
-    result = place(model, capacity, reserve)
-    what = f"GPTQ {bits}-bit, group {spec.group_size}" if spec else "bf16"
-    total = sum(result.module_bytes.values())
-    print(f"{name}: {config.num_hidden_layers} layers, hidden {config.hidden_size}; {what}; weights {total / GIB:.2f} "
-          f"GiB; activation reserve {reserve / GIB:.2f} GiB per GPU for {args.batch_tokens} tokens per batch\n")
-    print(result.table() + "\n")
-    if result.fits:
-        print(f"fits: {len(capacity)} GPU(s), smallest headroom "
-              f"{min(c - result.weights(g) - reserve for g, c in capacity.items()) / GIB:.2f} GiB")
-        return 0
-    fits = setups_that_fit(model, config, args.batch_tokens, spec is not None)
-    print(f"does NOT fit: {result.unplaced() / GIB:.2f} GiB of weights have no GPU. "
-          f"Setups that would fit {what}: {', '.join(fits) or 'none of 1-8 x 24/48/80 GiB'}"
-          + ("" if bits == 4 else "; or quantize to 4 bits (--bits 4)"))
-    return 1
+    text, fits = plan_report(args.model, _gpu_sizes(args.gpus, "--gpus"), args.bits, args.batch_tokens)
+    print(text)
+    return 0 if fits else 1
 
 
 def cmd_fidelity(args):

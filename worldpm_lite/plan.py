@@ -168,3 +168,33 @@ def auto_device_map(ckpt, dtype: torch.dtype, max_memory: dict | None, batch_tok
     device_map = dict(result.device_map)
     device_map["model.norm"] = device_map["score"]  # the tail reads both
     return device_map
+
+
+def plan_report(model: str, capacity: dict[int, int], bits: int | None, batch_tokens: int) -> tuple[str, bool]:
+    """What `worldpm-lite plan` prints, and whether it fits. model: a directory or a preset name;
+    bits: 4, 8, 16 (bf16) or None for the checkpoint's own (4 for a preset)."""
+    from .checkpoint import Checkpoint
+
+    if model.lower() in PRESETS:
+        config, spec, name = PRESETS[model.lower()], None, model.lower()
+    else:
+        ckpt = Checkpoint(model)
+        config, spec, name = ckpt.config, ckpt.quant, str(ckpt.path)
+    bits = bits or (spec.bits if spec else 4 if model.lower() in PRESETS else 16)
+    spec = None if bits == 16 else GPTQSpec(bits, spec.group_size if spec else 128)
+    meta = meta_model(config, spec, torch.bfloat16)
+    reserve = activation_reserve(config, batch_tokens, spec is not None)
+    result = place(meta, capacity, reserve)
+    what = f"GPTQ {bits}-bit, group {spec.group_size}" if spec else "bf16"
+    lines = [f"{name}: {config.num_hidden_layers} layers, hidden {config.hidden_size}; {what}; weights "
+             f"{sum(result.module_bytes.values()) / GIB:.2f} GiB; activation reserve {reserve / GIB:.2f} GiB per GPU "
+             f"for {batch_tokens} tokens per batch\n", result.table() + "\n"]
+    if result.fits:
+        head = min(c - result.weights(g) - reserve for g, c in capacity.items())
+        lines.append(f"fits: {len(capacity)} GPU(s), smallest headroom {head / GIB:.2f} GiB")
+    else:
+        fits = setups_that_fit(meta, config, batch_tokens, spec is not None)
+        lines.append(f"does NOT fit: {result.unplaced() / GIB:.2f} GiB of weights have no GPU. Setups that would fit "
+                     f"{what}: {', '.join(fits) or 'none of 1-8 x 24/48/80 GiB'}"
+                     + ("" if bits == 4 else "; or quantize to 4 bits (--bits 4)"))
+    return "\n".join(lines), result.fits
