@@ -149,6 +149,11 @@ LINEARS = tuple(name for group in LAYER_GROUPS for name in group)
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 
 
+def is_linear_weight(name: str) -> bool:
+    """Whether `name` is the .weight of one of a decoder layer's seven linears (bf16 layout)."""
+    return name.endswith(".weight") and name.removesuffix(".weight").split(".", 3)[-1] in LINEARS
+
+
 @dataclass(frozen=True)
 class GPTQSpec:
     """`quantization_config` of a GPTQ checkpoint (the fields we write and read)."""
@@ -257,7 +262,7 @@ class Checkpoint:
             return {n: (shape, floats) for n, shape in shapes.items()}
         out = {}
         for name, shape in shapes.items():
-            if name.endswith(".weight") and name.removesuffix(".weight").split(".", 3)[-1] in LINEARS:
+            if is_linear_weight(name):
                 base = name.removesuffix(".weight")
                 for suffix, (pshape, dtype) in self.quant.packed_shapes(shape[1], shape[0]).items():
                     out[f"{base}.{suffix}"] = (pshape, (dtype,))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpoint import LINEARS, PACKED, Checkpoint, GPTQSpec, WorldPMConfig
+from .checkpoint import PACKED, Checkpoint, GPTQSpec, WorldPMConfig, is_linear_weight
 from .kernels.tail import fused_tail, fused_tail_ref
 from .qlinear import bnb_weight, check_quant, pick_backend, swap_in_bnb_linears, swap_in_gptq_linears
 
@@ -138,7 +138,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
     state, on_the_fly = {}, set()
     for name in ckpt.expected():
         t, device = ckpt.tensor(name), device_for(name, device_map)
-        if quant is not None and name.removesuffix(".weight").split(".", 3)[-1] in LINEARS:
+        if quant is not None and is_linear_weight(name):
             model.get_submodule(name.removesuffix(".weight")).weight = bnb_weight(t.to(dtype), quant, device)
             on_the_fly.add(name)
             continue

@@ -120,9 +120,9 @@ def plan(config: WorldPMConfig, spec: GPTQSpec | None, capacity: list[int], batc
                  activation_reserve(config, batch_tokens, spec is not None, dtype.itemsize))
 
 
-def setups_that_fit(model, config: WorldPMConfig, batch_tokens: int, quantized: bool, limit: int = 3) -> list[str]:
-    """Common GPU setups (n x 24/48/80 GiB) under which the model fits, least total memory first."""
-    reserve = activation_reserve(config, batch_tokens, quantized)
+def setups_that_fit(model, reserve: int, limit: int = 3) -> list[str]:
+    """Common GPU setups (n x 24/48/80 GiB) under which the model fits with `reserve` bytes kept free
+    on each GPU, least total memory first."""
     total = sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
     found = []
     for n, size in sorted(SETUPS, key=lambda s: (s[0] * s[1], s[0])):
@@ -161,7 +161,7 @@ def auto_device_map(ckpt, dtype: torch.dtype, max_memory: dict | None, batch_tok
     reserve = activation_reserve(ckpt.config, batch_tokens, spec is not None, dtype.itemsize)
     result = place(model, gpu_capacity(max_memory), reserve)
     if not result.fits:
-        fits = setups_that_fit(model, ckpt.config, batch_tokens, spec is not None)
+        fits = setups_that_fit(model, reserve)
         raise ValueError(f"{ckpt.path}: does not fit these GPUs with {batch_tokens} tokens per batch\n"
                          f"{result.table()}\nsetups that would fit: {', '.join(fits) or 'none of the common ones'}; "
                          "or use a smaller token_budget, or the 4-bit checkpoint")
@@ -193,7 +193,7 @@ def plan_report(model: str, capacity: dict[int, int], bits: int | None, batch_to
         head = min(c - result.weights(g) - reserve for g, c in capacity.items())
         lines.append(f"fits: {len(capacity)} GPU(s), smallest headroom {head / GIB:.2f} GiB")
     else:
-        fits = setups_that_fit(meta, config, batch_tokens, spec is not None)
+        fits = setups_that_fit(meta, reserve)
         lines.append(f"does NOT fit: {result.unplaced() / GIB:.2f} GiB of weights have no GPU. Setups that would fit "
                      f"{what}: {', '.join(fits) or 'none of 1-8 x 24/48/80 GiB'}"
                      + ("" if bits == 4 else "; or quantize to 4 bits (--bits 4)"))

@@ -124,7 +124,7 @@ class Scorer:
             raise ValueError("max_memory: only used with device='auto' on a machine with GPUs")
         elif device == "auto":
             device_map = "cpu"
-        first = torch.device(device_map if isinstance(device_map, str) else "cuda")
+        first = torch.device("cuda" if isinstance(device_map, dict) else device_map)
         if dtype is None:
             dtype = torch.float32 if first.type == "cpu" else torch.bfloat16
         return cls(load_model(ckpt, dtype, device_map, backend, quant), load_tokenizer(path), **kwargs)
