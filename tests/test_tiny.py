@@ -7,10 +7,15 @@ from worldpm_lite.cli import main
 from worldpm_lite.scorer import Scorer
 
 
-def test_tiny_model_beats_chance_with_spread(tiny_dir):
+def test_tiny_model_beats_chance_with_spread(tiny_dir, ci_notes):
+    """Recipe 3 reached 0.830-0.868 on six variants (seeds, threads, jitter, batch order: bench/RESULTS.md)."""
     report = json.loads((tiny_dir / "training_report.json").read_text())
-    assert report["heldout"]["pairwise_accuracy"] >= 0.7
-    assert report["heldout"]["score_std"] >= 0.5
+    h = report["heldout"]
+    ci_notes.append(f"small model {tiny_dir.name}: held-out pairwise accuracy {h['pairwise_accuracy']:.3f} "
+                    f"({', '.join(f'{k} {v:.3f}' for k, v in h['accuracy_by_kind'].items())}), score std "
+                    f"{h['score_std']:.3f}, trained in {report['train_seconds']:.0f} s")
+    assert h["pairwise_accuracy"] >= 0.74
+    assert h["score_std"] >= 0.5
 
 
 def test_saved_model_reproduces_reported_heldout_accuracy(tiny_dir, tiny_heldout):
@@ -32,7 +37,7 @@ def test_demo_runs_offline(tiny_dir, capsys):
     out = capsys.readouterr().out
     assert "WorldPM README pair" in out and "real reply preferred in" in out
     assert "GPTQ 4-bit linears, torch reference" in out  # which backend ran
-    summary = re.search(r"4-bit\s+(0\.\d+)\s+(0\.\d+)", out.split("fidelity on all 500 held-out pairs")[1])
+    summary = re.search(r"4-bit\s+([01]\.\d+)\s+([01]\.\d+)", out.split("fidelity on all 500 held-out pairs")[1])
     assert float(summary.group(1)) >= 0.97 and float(summary.group(2)) >= 0.98
 
 

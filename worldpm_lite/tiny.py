@@ -25,7 +25,7 @@ from .checkpoint import WorldPMConfig, write_checkpoint
 from .data import sharegpt_conversations
 from .model import WorldPM
 
-RECIPE_VERSION = 2  # bump when anything below changes what make-tiny builds; cached copies are keyed by it
+RECIPE_VERSION = 3  # bump when anything below changes what make-tiny builds; cached copies are keyed by it
 
 TINY_CONFIG = WorldPMConfig(
     hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -41,9 +41,15 @@ class TrainConfig:
     max_tokens: int = 128  # longest encoded conversation kept (prompt + response)
     steps: int = 300
     batch_pairs: int = 16
-    lr: float = 3e-3
-    weight_decay: float = 0.01
+    # Peak learning rate. Recipe 2 used 3e-3: the residual stream ran away (norm ~850 after layer 0
+    # at every token), the last token's attention went one-hot, 8-bit noise moved single scores by
+    # 0.6, and whether word order was learnt at all depended on the machine's float kernels.
+    lr: float = 1e-3
+    weight_decay: float = 0.1  # decoupled (AdamW), on weight matrices only: never on norm gains or biases
     train_embeddings: bool = True
+    # Stand-ins for another machine's arithmetic, for robustness checks (bench/tiny_robustness.py):
+    init_jitter: float = 0.0  # std of Gaussian noise added to the initial weights
+    shuffle_seed: int | None = None  # seed of the batch order (default: seed + 1)
 
     def __post_init__(self):
         if self.heldout >= self.pairs:
@@ -157,7 +163,8 @@ def evaluate(model: WorldPM, pairs) -> dict:
             "mean_margin": (c - r).mean().item()}
 
 
-def init_weights(model: WorldPM, seed: int):
+@torch.no_grad()
+def init_weights(model: WorldPM, seed: int, jitter: float = 0.0):
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
@@ -165,8 +172,11 @@ def init_weights(model: WorldPM, seed: int):
         elif name.endswith(".bias"):
             torch.nn.init.zeros_(p)
         else:
-            with torch.no_grad():
-                p.normal_(0.0, 0.02, generator=gen)
+            p.normal_(0.0, 0.02, generator=gen)
+    if jitter:
+        noise = torch.Generator().manual_seed(seed + 12345)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=noise) * jitter)
 
 
 def train_tiny(cfg: TrainConfig, tokenizer, log=print) -> tuple[WorldPM, dict, list]:
@@ -175,13 +185,15 @@ def train_tiny(cfg: TrainConfig, tokenizer, log=print) -> tuple[WorldPM, dict, l
     pairs = make_pairs(tokenizer, cfg)
     train, held = pairs[: -cfg.heldout], pairs[-cfg.heldout:]
     model = WorldPM(TINY_CONFIG)
-    init_weights(model, cfg.seed)
+    init_weights(model, cfg.seed, cfg.init_jitter)
     model.train()
     emb = model.model.embed_tokens
     emb.weight.requires_grad_(cfg.train_embeddings)
     emb.sparse = True  # a batch touches a few thousand of the 152064 rows: update only those
     params = [p for n, p in model.named_parameters() if p.requires_grad and n != "model.embed_tokens.weight"]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # norm gains, biases
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
     opts = [opt]
     if cfg.train_embeddings:
         opts.append(torch.optim.SparseAdam([emb.weight], lr=cfg.lr, betas=(0.9, 0.98)))
@@ -190,7 +202,7 @@ def train_tiny(cfg: TrainConfig, tokenizer, log=print) -> tuple[WorldPM, dict, l
     # Batches of pairs of similar length waste little compute on padding.
     by_len = sorted(train, key=lambda p: max(len(p.chosen_ids), len(p.rejected_ids)))
     batches = [by_len[k: k + cfg.batch_pairs] for k in range(0, len(by_len) - cfg.batch_pairs + 1, cfg.batch_pairs)]
-    rng = random.Random(cfg.seed + 1)
+    rng = random.Random(cfg.seed + 1 if cfg.shuffle_seed is None else cfg.shuffle_seed)
     start, losses, order = time.time(), [], []
     for step in range(cfg.steps):
         if not order:
