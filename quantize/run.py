@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from worldpm_lite.chat import load_tokenizer
 from worldpm_lite.checkpoint import INDEX_FILE, LINEARS, PACKED, Checkpoint, CheckpointError, GPTQSpec
+from worldpm_lite.devices import check_device
 
 from .calibration import builtin_calibration, file_calibration, fingerprint
 from .gptq import QuantConfig
@@ -52,10 +53,12 @@ class QuantizeSettings:
     samples: int = 128
     seq_len: int = 2048
     calibration: str | None = None  # a JSONL file in any format `score` reads; None: built-in ShareGPT set
-    device: str = "cpu"
+    device: str = "auto"  # GPU 0 when a GPU is visible, else the CPU
 
     def __post_init__(self):
-        self.quant_config()  # validates bits and group_size
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits: expected 4 or 8 (what the GPTQ checkpoint format packs), found {self.bits}")
+        self.quant_config()  # validates group_size
         if self.method not in ("gptq", "rtn"):
             raise ValueError(f"method: expected 'gptq' or 'rtn', found {self.method!r}")
         if self.samples < 1 or self.seq_len < 16:
@@ -131,6 +134,8 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
                         log=print, layer_bar=None) -> dict:
     """Quantize `src_dir` into `out_dir`; returns the summary also written to quantize_log.json."""
     start = time.time()
+    device = check_device(settings.device)
+    device = "cuda" if device == "auto" else device
     src_dir, out = Path(src_dir), Path(out_dir)
     src = Checkpoint(src_dir)
     if src.quant is not None:
@@ -160,7 +165,7 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
 
     n_layers = src.config.num_hidden_layers
     total = n_layers + 1  # one shard per layer, the last one for embeddings, final norm and head
-    cfg, device = settings.quant_config(), settings.device
+    cfg = settings.quant_config()
     hidden = embed(src, calibration)
     rope = make_rope(src, device)
     if layer_bar is not None:

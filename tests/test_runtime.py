@@ -7,8 +7,9 @@ from worldpm_lite.quantize.pack import dequantize_packed, pack
 
 from worldpm_lite.checkpoint import Checkpoint, GPTQSpec
 from worldpm_lite.cli import main
-from worldpm_lite.model import WorldPM, device_for, read_weight
-from worldpm_lite.plan import GIB, activation_reserve, auto_device_map, parse_size, plan
+from worldpm_lite.devices import check_device
+from worldpm_lite.model import WorldPM, device_for, meta_model, read_weight
+from worldpm_lite.plan import GIB, activation_reserve, auto_device_map, parse_size, placement_units, plan
 from worldpm_lite.qlinear import GPTQLinear, pick_backend
 from worldpm_lite.scorer import Scorer
 
@@ -43,11 +44,27 @@ def random_gptq_linear(K, N, bits, backend, seed=0):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_gptq_linear_backends_match_dense(bits):
-    for backend in ("torch", "triton"):
+    for backend, fused in (("torch", 0), ("triton", 0), ("triton", 4)):
         lin, w = random_gptq_linear(96, 48, bits, backend, seed=bits)
-        for M in (1, 3, lin.fused_max_tokens + 5):  # the fused kernel, then dequantize + GEMM
+        lin.fused_max_tokens = fused  # 4: the fused kernel up to 4 rows, as gpu_check can switch it on
+        for M in (1, 3, 9):
             x = torch.randn(2, M, 96)
             torch.testing.assert_close(lin(x), x @ w.T + lin.bias, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_linears_share_one_scratch_per_device(q_dirs):
+    """Every linear dequantizes into the same buffer, made once at the largest linear's size (what
+    the planner reserves): no weight-sized allocation per call."""
+    scorer = Scorer.from_pretrained(q_dirs[0], device="cpu")
+    linears = [m for m in scorer.model.modules() if isinstance(m, GPTQLinear)]
+    scratch = linears[0].scratch
+    assert all(m.scratch is scratch for m in linears)
+    largest = max(m.in_features * m.out_features for m in linears)
+    assert scratch.sizes == {torch.device("cpu"): largest}
+    first = scorer.score(CONVS)
+    (buf,) = scratch.buffers.values()
+    assert buf.numel() == largest
+    assert scorer.score(CONVS) == first and next(iter(scratch.buffers.values())) is buf  # reused, not regrown
 
 
 def test_triton_backend_needs_a_gpu(monkeypatch):
@@ -120,28 +137,80 @@ def test_parse_size():
             parse_size(bad)
 
 
-def test_auto_device_map_splits_whole_layers_and_refuses_what_does_not_fit(small_dir):
+def _sizes(small_dir):
+    """bf16 bytes of the small checkpoint: total, embeddings, norm + head, and the reserve for 64 tokens."""
     ckpt = Checkpoint(small_dir)
-    total = 2 * sum(torch.Size(s).numel() for s in ckpt.config.expected_shapes().values())  # bf16 bytes
-    reserve = activation_reserve(ckpt.config, 64, quantized=False)
+    shapes = ckpt.config.expected_shapes()
+    total = 2 * sum(torch.Size(s).numel() for s in shapes.values())
     embed = 2 * SMALL.vocab_size * SMALL.hidden_size
-    half = reserve + embed + int((total - embed) * 0.6)  # the embedding and about half the layers
-    dm = auto_device_map(ckpt, torch.bfloat16, {0: half, "cuda:1": half}, 64)
-    assert set(dm.values()) == {0, 1} and dm["model.norm"] == dm["score"]
+    tail = 2 * sum(torch.Size(s).numel() for n, s in shapes.items() if n.startswith(("score", "model.norm")))
+    return ckpt, total, embed, tail, activation_reserve(ckpt.config, 64, quantized=False)
+
+
+def test_auto_device_map_when_everything_fits_on_gpu_0(small_dir):
+    """accelerate answers {"": 0} here, which crashed the loader (KeyError 'score') on one GPU."""
+    ckpt, total, *_, reserve = _sizes(small_dir)
+    for gpus in ({0: reserve + 2 * total}, {0: reserve + 2 * total, 1: reserve + 2 * total}):
+        dm = auto_device_map(ckpt, torch.bfloat16, gpus, 64)
+        assert {device_for(name, dm) for name in ckpt.expected()} == {0}  # one GPU is enough: no needless split
+        assert dm["score"] == dm["model.norm"] == dm["model.embed_tokens"] == 0
+
+
+def test_auto_device_map_balances_two_gpus(small_dir):
+    ckpt, total, embed, tail, reserve = _sizes(small_dir)
+    cap = reserve + embed + int((total - embed) * 0.6)  # neither GPU holds everything
+    dm = auto_device_map(ckpt, torch.bfloat16, {0: cap, "cuda:1": cap}, 64)
     assert {device_for(name, dm) for name in ckpt.expected()} == {0, 1}  # every tensor has a GPU
+    assert dm["model.embed_tokens"] == 0 and dm["model.norm"] == dm["score"] == 1
+    result = plan(SMALL, None, [cap, cap], 64)
+    assert result.layers(0) + result.layers(1) == list(range(SMALL.num_hidden_layers))  # in order, all placed
+    units = [size for _, size in placement_units(meta_model(SMALL, None))[0]]
+    splits = [min(cap - reserve - sum(units[:k]), cap - reserve - sum(units[k:])) for k in range(1, len(units))]
+    assert min(cap - result.weights(g) - reserve for g in (0, 1)) == max(splits)  # no split point does better
+
+
+def test_auto_device_map_puts_only_the_tail_on_a_small_second_gpu(small_dir):
+    ckpt, *_, reserve = _sizes(small_dir)
+    units = [size for _, size in placement_units(meta_model(SMALL, None))[0]]
+    head, tail = sum(units[:-1]), units[-1]  # everything up to the last layer; the final norm and the head
+    dm = auto_device_map(ckpt, torch.bfloat16, {0: reserve + head, 1: reserve + tail + 1024}, 64)
+    assert {n: device_for(n, dm) for n in ckpt.expected() if device_for(n, dm) == 1}.keys() == {
+        n for n in ckpt.expected() if n.startswith(("model.norm", "score"))}
     with pytest.raises(ValueError, match="does not fit these GPUs"):
-        auto_device_map(ckpt, torch.bfloat16, {0: half}, 64)
+        auto_device_map(ckpt, torch.bfloat16, {0: reserve + head}, 64)
+
+
+def test_devices_are_checked_before_anything_touches_them(small_dir, monkeypatch, capsys):
     with pytest.raises(ValueError, match="max_memory"):
         Scorer.from_pretrained(small_dir, device="cpu", max_memory={0: "1GiB"})
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
-            Scorer.from_pretrained(small_dir, device="cuda:0")
+    for bad in ("tpu", "cuda:x", "gpu0"):
+        with pytest.raises(ValueError, match="expected auto"):
+            check_device(bad)
+    assert check_device("auto") == ("auto" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        Scorer.from_pretrained(small_dir, device="cuda:0")
+    # one visible GPU, as on the H200 where cuda:3 gave a raw "invalid device ordinal" traceback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"'cuda:3': this machine has 1 visible GPU \(cuda:0\)"):
+        Scorer.from_pretrained(small_dir, device="cuda:3")
+    with pytest.raises(ValueError, match="GPU 1 is not visible"):
+        Scorer.from_pretrained(small_dir, device="auto", max_memory={0: "1GiB", 1: "1GiB"})
+    src = small_dir.parent / "one.jsonl"
+    src.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}\n')
+    assert main(["score", "--model", str(small_dir), "--input", str(src), "--device", "cuda:3"]) == 2
+    err = capsys.readouterr().err
+    assert "worldpm-lite: error: device 'cuda:3': this machine has 1 visible GPU" in err and "Traceback" not in err
 
 
 def test_plan_worldpm_72b_fits_two_24gb_gpus_only_at_4_bits(capsys):
     assert main(["plan", "--model", "worldpm-72b", "--gpus", "24GiB,24GiB"]) == 0
     out = capsys.readouterr().out
-    assert "GPTQ 4-bit" in out and "fits: 2 GPU(s)" in out and "| 1 | 24.0 GiB | 41-79" in out
+    # balanced: 37 + 43 layers, 2.49 and 2.14 GiB headroom (accelerate's greedy fill: 41 + 39, 0.79 and 3.84)
+    assert "GPTQ 4-bit" in out and "fits: 2 GPU(s), smallest headroom 2.14 GiB" in out
+    assert "| 0 | 24.0 GiB | 0-36 (37) + embed_tokens |" in out and "| 1 | 24.0 GiB | 37-79 (43) + norm, score |" in out
     assert main(["plan", "--model", "worldpm-72b", "--gpus", "24GiB,24GiB", "--bits", "8"]) == 1
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "4x24GiB" in out and "--bits 4" in out

@@ -29,13 +29,22 @@ def test_model_directory_tokenizer_encodes_the_same(small_dir, tokenizer):
     assert encode_conversation(tok, conv) == encode_conversation(tokenizer, conv)
 
 
-def test_matches_tiktoken_on_real_text(tokenizer):
-    """The HF BPE built from the ranks tokenizes exactly as tiktoken does with the same ranks."""
+def test_model_directory_tokenizer_matches_tiktoken_on_real_text(small_dir, caplog):
+    """The tokenizer as every command loads it (from a model folder, config.json beside it) tokenizes
+    3000 real ShareGPT messages exactly as tiktoken does with Qwen's ranks and regex. That is why
+    load_tokenizer tells transformers not to apply its Mistral regex patch, and so no load may warn
+    about "an incorrect regex pattern" (transformers 5.17 did, on every load)."""
+    from worldpm_lite.chat import load_tokenizer
+
+    with caplog.at_level("WARNING"):
+        tok = load_tokenizer(small_dir)
+    assert not [r for r in caplog.records if "regex" in r.getMessage()]
     ref = tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=_load_ranks(), special_tokens={})
-    texts = [t["value"] for r in sharegpt_records(limit=150) for t in r["conversations"]][:300]
+    texts = [t["value"] for r in sharegpt_records(limit=1500) for t in r["conversations"]][:3000]
     texts += ["naïve café 1234567 — 日本語のテキスト\n\n\tx  ", "emoji 🤖🚀 and  spaces   ", "'s 'LL I'm"]
+    assert len(texts) == 3003
     for text in texts:
-        assert tokenizer.encode(text, add_special_tokens=False) == ref.encode_ordinary(text), text[:80]
+        assert tok.encode(text, add_special_tokens=False) == ref.encode_ordinary(text), text[:80]
 
 
 def test_empty_system_turn_inserted_and_endoftext_last(tokenizer):

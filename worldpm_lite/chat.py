@@ -138,7 +138,11 @@ def load_tokenizer(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer.json").exists() and not (model_dir / "tokenizer_config.json").exists():
         raise FileNotFoundError(f"{model_dir}: no tokenizer.json or tokenizer_config.json")
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    # fix_mistral_regex=False: transformers 5.x (up to ~5.23) suspects Mistral's broken pre-tokenizer
+    # regex in any local folder whose config.json has no `transformers_version` and warns on every
+    # load. A WorldPM checkpoint is Qwen2's byte-level BPE with Qwen's own regex; tests check its ids
+    # against tiktoken with Qwen's ranks on thousands of real strings. Nothing to patch, so say so.
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, fix_mistral_regex=False)
     if tok.chat_template is None:
         tok.chat_template = CHAT_TEMPLATE
     if ENDOFTEXT not in tok.get_vocab():

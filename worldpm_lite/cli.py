@@ -64,6 +64,14 @@ def _scorer(args):
     return scorer
 
 
+def _check_device(args) -> None:
+    """Resolve --device (auto: the GPUs when any is visible, else the CPU) and say which, before any work."""
+    from .devices import check_device, describe
+
+    args.device = check_device(args.device)
+    print(describe(args.device), file=sys.stderr)
+
+
 def write_atomic(path: str, text: str):
     """Write to a temporary file beside `path`, then rename: never a half-written file."""
     target = Path(path)
@@ -221,8 +229,8 @@ def _add_runtime(p):
 
 def _add_compute(p):
     """Where and how models run: the options every scoring command shares."""
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto: whole layers spread over every "
-                   "visible GPU (the CPU when there is none) (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto: whole layers spread over the visible GPUs (as few as hold "
+                   "them, balanced), the CPU when there is none; or cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--max-memory", help="with --device auto: memory to use on each GPU, e.g. 22GiB,22GiB "
                    "(default: what is free on each)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
@@ -285,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=Q.samples, help=f"calibration conversations (default: {Q.samples})")
     p.add_argument("--seq-len", type=int, default=Q.seq_len,
                    help=f"keep at most the last N tokens of each (default: {Q.seq_len})")
-    p.add_argument("--device", default=Q.device, help="where the GPTQ math runs: cpu, cuda, cuda:N (default: cpu)")
+    p.add_argument("--device", default=Q.device, help="where the GPTQ math runs: auto (GPU 0 when a GPU is visible, "
+                   "else the CPU: a 72B layer takes ~25 s on an H200, ~28 min on 2 CPU cores), cpu, cuda, cuda:N "
+                   f"(default: {Q.device})")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory when done")
     p.set_defaults(func=cmd_quantize)
@@ -345,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"worldpm-lite: error: --{flag.replace('_', '-')} must be a positive integer", file=sys.stderr)
             return 2
     try:
+        if hasattr(args, "device"):
+            _check_device(args)
         return args.func(args) or 0
     except (CheckpointError, ConversationError, UsageError, FileExistsError, FileNotFoundError,
             NotADirectoryError, ValueError) as e:

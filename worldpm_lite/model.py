@@ -11,7 +11,7 @@ from torch import nn
 
 from .checkpoint import PACKED, Checkpoint, GPTQSpec, WorldPMConfig, is_linear_weight
 from .kernels.tail import fused_tail, fused_tail_ref
-from .qlinear import bnb_weight, check_quant, pick_backend, swap_in_bnb_linears, swap_in_gptq_linears
+from .qlinear import bnb_weight, check_quant, pick_backend, share_scratch, swap_in_bnb_linears, swap_in_gptq_linears
 
 
 class Backbone(nn.Module):
@@ -150,4 +150,5 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
         raise RuntimeError(f"loading {ckpt.path}: missing {missing}, unexpected {result.unexpected_keys}")
     model.model.rotary_emb.to(model.input_device)
     model.tail_backend = backend
+    share_scratch(model)
     return model.eval()

@@ -1,15 +1,14 @@
 """Where each part of a WorldPM goes on the GPUs, computed on the meta device (no weights read).
 
-accelerate's `infer_auto_device_map` places whole decoder layers in order under each GPU's
-capacity minus an activation reserve; this module sizes the reserve, builds the meta model
-(GPTQ linears swapped in when quantized) and turns the answer into a table and a verdict.
+Whole decoder layers go in order onto as few GPUs as hold them under capacity minus an
+activation reserve, balanced so the smallest headroom is as large as possible; this module sizes
+the reserve, builds the meta model (GPTQ linears swapped in when quantized), places it and turns
+the answer into a table and a verdict.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -93,25 +92,64 @@ class DevicePlan:
         return "\n".join(rows)
 
 
-def place(model, capacity: dict[int, int], reserve: int) -> DevicePlan:
-    """Whole decoder layers, in order, on GPUs 0, 1, ... under capacity - reserve each."""
-    from accelerate import infer_auto_device_map
+def placement_units(model) -> tuple[list[tuple[list[str], int]], dict[str, int]]:
+    """The model in forward order as the units that move together, each (module names, bytes) -
+    the embeddings, each whole decoder layer, then the final norm with the head (the tail reads
+    both) - and the bytes of each of those modules."""
     from accelerate.utils import compute_module_sizes
 
-    budgets = {gpu: max(0, cap - reserve) for gpu, cap in capacity.items()}
-    quiet = logging.getLogger("accelerate.utils.modeling")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "Device 0 is not available": we plan for GPUs this machine may not have
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            device_map = infer_auto_device_map(model, max_memory={**budgets, "cpu": 0},
-                                               no_split_module_classes=["Qwen2DecoderLayer"])
-    finally:
-        quiet.setLevel(level)
     sizes = compute_module_sizes(model)
-    return DevicePlan(dict(capacity), reserve, device_map, {m: sizes[m] for m in device_map},
-                      model.config.num_hidden_layers)
+    groups = [["model.embed_tokens", "model.rotary_emb"]]
+    groups += [[f"model.layers.{i}"] for i in range(model.config.num_hidden_layers)]
+    groups.append(["model.norm", "score"])
+    return [(names, sum(sizes[n] for n in names)) for names in groups], {n: sizes[n] for g in groups for n in g}
+
+
+def _fill(units, budgets: dict[int, int], headroom: int) -> tuple[dict[str, int | str], bool]:
+    """Units in order onto GPUs in order, each GPU up to its budget minus `headroom`; what is left
+    over goes to "cpu" (does not fit)."""
+    device_map, gpus, k = {}, iter(budgets), 0
+    gpu = next(gpus, None)
+    used = 0
+    while k < len(units):
+        names, size = units[k]
+        if gpu is not None and used + size <= budgets[gpu] - headroom:
+            device_map.update(dict.fromkeys(names, gpu))
+            used += size
+            k += 1
+        elif gpu is not None:
+            gpu, used = next(gpus, None), 0
+        else:
+            device_map.update(dict.fromkeys(names, "cpu"))
+            k += 1
+    return device_map, all(isinstance(d, int) for d in device_map.values())
+
+
+def place(model, capacity: dict[int, int], reserve: int) -> DevicePlan:
+    """Whole decoder layers, in order, on as few GPUs (0, 1, ...) as hold the model under capacity
+    minus `reserve` each, split so that the smallest headroom is as large as possible.
+
+    accelerate's `infer_auto_device_map` fills each GPU to the brim before the next (72B 4-bit
+    on 2 x 24 GiB: 0.79 vs 3.84 GiB headroom), and answers {"": 0} when all fits on one; here
+    the same sizes (accelerate's `compute_module_sizes`) go through a search for the largest
+    headroom every used GPU can keep (greedy fill per candidate headroom, binary search)."""
+    units, sizes = placement_units(model)
+    budgets = {gpu: max(0, cap - reserve) for gpu, cap in capacity.items()}
+    gpus = list(budgets)
+    for count in range(1, len(gpus) + 1):
+        use = {g: budgets[g] for g in gpus[:count]}
+        device_map, fits = _fill(units, use, 0)
+        if fits:
+            lo, hi = 0, max(use.values())  # fits at lo; search the largest headroom that still fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if _fill(units, use, mid)[1]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            device_map = _fill(units, use, lo)[0]
+            break
+    return DevicePlan(dict(capacity), reserve, device_map, sizes, model.config.num_hidden_layers)
 
 
 def plan(config: WorldPMConfig, spec: GPTQSpec | None, capacity: list[int], batch_tokens: int,
@@ -150,6 +188,17 @@ def gpu_capacity(max_memory: dict | None) -> dict[int, int]:
     return out
 
 
+def check_visible(capacity: dict[int, int]) -> None:
+    """Every GPU index of a plan that will load weights must be one this process can see."""
+    from .devices import visible_gpus
+
+    n = visible_gpus()
+    missing = sorted(g for g in capacity if g >= n)
+    if missing:
+        raise ValueError(f"max_memory: GPU {', '.join(map(str, missing))} is not visible here ({n} GPU(s) visible: "
+                         f"indices 0 to {n - 1}); check CUDA_VISIBLE_DEVICES")
+
+
 def auto_device_map(ckpt, dtype: torch.dtype, max_memory: dict | None, batch_tokens: int,
                     quant: str | None = None) -> dict[str, int]:
     """Module prefix -> GPU for loading `ckpt` (bitsandbytes `quant` planned as GPTQ of the same bits,
@@ -165,9 +214,7 @@ def auto_device_map(ckpt, dtype: torch.dtype, max_memory: dict | None, batch_tok
         raise ValueError(f"{ckpt.path}: does not fit these GPUs with {batch_tokens} tokens per batch\n"
                          f"{result.table()}\nsetups that would fit: {', '.join(fits) or 'none of the common ones'}; "
                          "or use a smaller token_budget, or the 4-bit checkpoint")
-    device_map = dict(result.device_map)
-    device_map["model.norm"] = device_map["score"]  # the tail reads both
-    return device_map
+    return dict(result.device_map)
 
 
 def plan_report(model: str, capacity: dict[int, int], bits: int | None, batch_tokens: int) -> tuple[str, bool]:

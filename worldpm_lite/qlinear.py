@@ -1,11 +1,19 @@
 """GPTQ linear layers at run time, with explicit backends.
 
 Backends (one per model, chosen when loading and reported by `Scorer.backend`):
-  torch   the reference: dequantize the whole weight, then a dense matmul. Any device; on the CPU
-          the only choice. Used as the ground truth in tests.
-  triton  GPUs: the fused dequant-matmul kernel up to `fused_max_tokens` rows (decode-like
-          shapes, where reading the 4-bit weights is the cost), and above that dequantize to a
-          bf16/fp16 scratch matrix plus the vendor GEMM (scoring is prefill: compute-bound).
+  torch   the reference: dequantize the whole weight (torch ops), then a dense matmul. Any
+          device; on the CPU the only choice. Used as the ground truth in tests.
+  triton  GPUs: the Triton dequantize kernel into the scratch matrix, then the vendor GEMM.
+          Scoring is prefill (thousands of tokens per batch): compute-bound, where this ran at
+          1.08-1.14x the bf16 matmul's time on an H200. The fused dequant-matmul kernel for few
+          rows (`fused_max_tokens`) is off by default: on the H200 it was slower than dequantize +
+          GEMM at every size measured (M = 1: 1.07 ms vs 0.13 ms); bench/gpu_check.py keeps timing
+          it against the target (2.5x the bf16 matmul's speed at M <= 64).
+
+Both backends dequantize into one scratch matrix per device and dtype (`Scratch`), sized for the
+largest linear on that device and shared by all of them - the planner reserves exactly that - so a
+forward pass allocates no weight-sized temporaries (one per linear left the allocator holding 6 GiB
+reserved beyond allocated over an 80-layer run). A model therefore runs one forward pass at a time.
 
 bitsandbytes NF4 / LLM.int8 linears (`--quant bnb-nf4|bnb-int8`) are the no-calibration baseline:
 a bf16 checkpoint quantized as it loads, as reward-bench loads reward models.
@@ -23,9 +31,9 @@ from .kernels.gptq import dequantize, dequantize_ref, gptq_matmul
 
 BACKENDS = ("torch", "triton")
 BNB = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes, quantized on the fly from a bf16 checkpoint
-# Rows up to which the fused kernel beats dequantize + GEMM. Not yet measured on a GPU:
-# bench/gpu_check.py times both at M = 1, 16, 256, 4096 and reports the crossover.
-FUSED_MAX_TOKENS = 16
+# Rows up to which the fused kernel runs instead of dequantize + GEMM: 0 (never) until
+# bench/gpu_check.py measures it beating dequantize + GEMM (it did not, at any M, on an H200).
+FUSED_MAX_TOKENS = 0
 _TORCH_DTYPES = {"I32": torch.int32, "F16": torch.float16}
 
 
@@ -41,6 +49,34 @@ def pick_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+class Scratch:
+    """Dense [in, out] matrices to dequantize into: one flat buffer per (device, dtype), made once at
+    the size of the largest linear that uses it and handed out as views."""
+
+    def __init__(self):
+        self.sizes: dict[torch.device, int] = {}  # elements of the largest linear per device
+        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def matrix(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        need = rows * cols
+        buf = self.buffers.get((device, dtype))
+        if buf is None or buf.numel() < need:
+            self.sizes[device] = max(need, self.sizes.get(device, 0))
+            buf = self.buffers[(device, dtype)] = torch.empty(self.sizes[device], dtype=dtype, device=device)
+        return buf[:need].view(rows, cols)
+
+
+def share_scratch(model) -> Scratch:
+    """Give every GPTQLinear of `model` one Scratch, pre-sized per device for its largest linear."""
+    scratch = Scratch()
+    for m in model.modules():
+        if isinstance(m, GPTQLinear):
+            dev = m.qweight.device
+            scratch.sizes[dev] = max(scratch.sizes.get(dev, 0), m.in_features * m.out_features)
+            m.scratch = scratch
+    return scratch
+
+
 class GPTQLinear(nn.Module):
     """y = x @ W + bias for a GPTQ-packed W (the standard checkpoint tensors, as buffers)."""
 
@@ -49,6 +85,7 @@ class GPTQLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, spec.bits
         self.backend, self.fused_max_tokens = backend, fused_max_tokens
+        self.scratch = Scratch()  # replaced by one shared per model (share_scratch) when loaded
         for name, (shape, dtype) in spec.packed_shapes(in_features, out_features).items():
             self.register_buffer(name, torch.empty(shape, dtype=_TORCH_DTYPES[dtype]))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
@@ -57,20 +94,18 @@ class GPTQLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.in_features)  # [M, in]
         packed = (self.qweight, self.qzeros, self.scales, self.g_idx)
-        if self.backend == "triton":
-            if x.shape[0] <= self.fused_max_tokens:
-                return gptq_matmul(x, *packed, self.bits, bias=self.bias).reshape(*shape[:-1], self.out_features)
-            w = dequantize(*packed, self.bits, x.dtype)  # [in, out] scratch, freed after the GEMM
-        else:
-            w = dequantize_ref(*packed, self.bits, x.dtype)
+        if self.backend == "triton" and x.shape[0] <= self.fused_max_tokens:
+            return gptq_matmul(x, *packed, self.bits, bias=self.bias).reshape(*shape[:-1], self.out_features)
+        w = self.scratch.matrix(self.in_features, self.out_features, x.dtype, x.device)  # [in, out]
+        (dequantize if self.backend == "triton" else dequantize_ref)(*packed, self.bits, x.dtype, out=w)
         y = x @ w if self.bias is None else torch.addmm(self.bias.to(x.dtype), x, w)
         return y.reshape(*shape[:-1], self.out_features)
 
     def describe(self) -> str:
         if self.backend == "torch":
             return f"GPTQ {self.bits}-bit linears, torch reference (dequantize + matmul)"
-        return (f"GPTQ {self.bits}-bit linears, Triton (fused dequant-matmul up to {self.fused_max_tokens} tokens, "
-                "dequantize + GEMM above)")
+        fused = f"fused dequant-matmul up to {self.fused_max_tokens} tokens, " if self.fused_max_tokens else ""
+        return f"GPTQ {self.bits}-bit linears, Triton ({fused}dequantize + GEMM)"
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, backend={self.backend}"

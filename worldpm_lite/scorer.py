@@ -12,8 +12,9 @@ import torch
 from .chat import ENDOFTEXT, encode_conversation, load_tokenizer
 from .checkpoint import Checkpoint
 from .data import with_response
+from .devices import check_device
 from .model import WorldPM, load_model
-from .plan import auto_device_map
+from .plan import auto_device_map, check_visible, gpu_capacity
 from .qlinear import GPTQLinear
 
 TRUNCATION = ("error", "left")
@@ -97,14 +98,15 @@ class Scorer:
         self.pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
+    def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: torch.dtype | str | None = None,
                         max_memory: dict | None = None, backend: str = "auto", quant: str | None = None,
                         **kwargs) -> Scorer:
         """Load a bf16 or GPTQ checkpoint directory.
 
-        device: "cpu", "cuda", "cuda:N", or "auto": every visible GPU, whole decoder layers placed
-        in order under each GPU's free memory (or `max_memory`, e.g. {0: "22GiB", 1: "22GiB"})
-        minus a reserve for the activations of `token_budget` tokens; the CPU when there is no GPU.
+        device: "auto" (default): every visible GPU, whole decoder layers placed in order under each
+        GPU's free memory (or `max_memory`, e.g. {0: "22GiB", 1: "22GiB"}) minus a reserve for the
+        activations of `token_budget` tokens, on as few GPUs as hold them, balanced; the CPU when no
+        GPU is visible. Or "cpu", "cuda", "cuda:N".
         Each tensor goes from its shard straight to its device.
         dtype defaults to float32 on CPU and bfloat16 on GPU. backend: for GPTQ linears and the
         tail, "auto" (Triton on GPUs, torch on CPU), "torch" or "triton". quant: "bnb-nf4" or
@@ -113,17 +115,16 @@ class Scorer:
             if dtype not in DTYPE_NAMES:
                 raise ValueError(f"dtype: expected one of {sorted(DTYPE_NAMES)}, found {dtype!r}")
             dtype = DTYPE_NAMES[dtype]
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: no CUDA GPU is visible here (use cpu, or auto)")
+        device = check_device(device)
         ckpt = Checkpoint(path)
         device_map = device
-        if device == "auto" and torch.cuda.is_available():
+        if device == "auto":
+            if max_memory is not None:
+                check_visible(gpu_capacity(max_memory))
             device_map = auto_device_map(ckpt, dtype or torch.bfloat16, max_memory,
                                          kwargs.get("token_budget") or DEFAULT_TOKEN_BUDGET["cuda"], quant)
         elif max_memory is not None:
             raise ValueError("max_memory: only used with device='auto' on a machine with GPUs")
-        elif device == "auto":
-            device_map = "cpu"
         first = torch.device("cuda" if isinstance(device_map, dict) else device_map)
         if dtype is None:
             dtype = torch.float32 if first.type == "cpu" else torch.bfloat16
