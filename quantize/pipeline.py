@@ -65,18 +65,22 @@ def input_hessian(layer, linear, inputs: list[torch.Tensor], rope: Callable) -> 
 
 @torch.no_grad()
 def quantize_layer(layer, inputs: list[torch.Tensor], rope: Callable, cfg: QuantConfig,
-                   prefix: str = "", rtn_only: bool = False) -> tuple[dict[str, QuantizedWeight], list[LinearReport]]:
+                   prefix: str = "", rtn_only: bool = False,
+                   hessian_transform: Callable | None = None) -> tuple[dict[str, QuantizedWeight], list[LinearReport]]:
     """GPTQ every linear of one decoder layer in place (weights replaced by their dequantized
-    values) and return the quantized weights by name and a report per linear."""
+    values) and return the quantized weights by name and a report per linear.
+    hessian_transform: applied to each collected Hessian sum before GPTQ sees it (the tests feed a
+    deliberately wrong one, a negative control); errors are always reported against the true one."""
     quantized, reports = {}, []
     for group in LAYER_GROUPS:
         h_sum, rows = input_hessian(layer, layer.get_submodule(group[0]), inputs, rope)
+        h_used = h_sum if hessian_transform is None else hessian_transform(h_sum)
         for name in group:
             start = time.time()
             lin = layer.get_submodule(name)
             w = lin.weight.data
             base = rtn(w, cfg)
-            q = base if rtn_only else gptq(w, h_sum, rows, cfg, name=prefix + name)
+            q = base if rtn_only else gptq(w, h_used, rows, cfg, name=prefix + name)
             w_hat = q.dequantize()
             reports.append(LinearReport(prefix + name, output_error(w, w_hat, h_sum, rows),
                                         output_error(w, base.dequantize(), h_sum, rows), time.time() - start))
@@ -126,7 +130,8 @@ def embed(ckpt, calibration: list[list[int]]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def stream_layers(ckpt, calibration: list[list[int]], cfg: QuantConfig, device="cpu", rtn_only: bool = False):
+def stream_layers(ckpt, calibration: list[list[int]], cfg: QuantConfig, device="cpu", rtn_only: bool = False,
+                  hessian_transform: Callable | None = None):
     """Quantize the decoder of `ckpt` layer by layer on calibration token ids, in memory.
 
     Yields (layer index, {linear name: QuantizedWeight}, [LinearReport], the layer with its
@@ -136,7 +141,8 @@ def stream_layers(ckpt, calibration: list[list[int]], cfg: QuantConfig, device="
     rope = make_rope(ckpt, device)
     for i in range(ckpt.config.num_hidden_layers):
         layer = load_layer(ckpt, i, device=device)
-        quantized, reports = quantize_layer(layer, hidden, rope, cfg, prefix=f"model.layers.{i}.", rtn_only=rtn_only)
+        quantized, reports = quantize_layer(layer, hidden, rope, cfg, prefix=f"model.layers.{i}.", rtn_only=rtn_only,
+                                            hessian_transform=hessian_transform)
         hidden = run_layer(layer, hidden, rope)  # the next layer's inputs, made by the quantized layer
         yield i, quantized, reports, layer
         del layer

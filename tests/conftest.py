@@ -39,6 +39,29 @@ def small_dir(tmp_path_factory, small_state):
     return add_tokenizer(out)
 
 
+CI_NOTES = pytest.StashKey[list]()
+
+
+def pytest_configure(config):
+    config.stash[CI_NOTES] = []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """What the instrument measured this run (the small model's quality, the gate metrics), so the
+    CI log shows it even when every test passes quietly."""
+    notes = config.stash.get(CI_NOTES, [])
+    if notes:
+        terminalreporter.section("small-model instrument")
+        for line in notes:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def ci_notes(request):
+    """Lines for the end-of-run summary."""
+    return request.config.stash[CI_NOTES]
+
+
 @pytest.fixture(scope="session")
 def tiny_dir():
     """The trained small model (built once per cache, about 3 minutes)."""

@@ -5,11 +5,24 @@ import shutil
 
 import numpy as np
 import pytest
+from worldpm_lite.quantize.calibration import builtin_calibration
 
 from worldpm_lite.cli import main
 from worldpm_lite.data import parse_request
 from worldpm_lite.fidelity import Candidate, compare, compared_pairs
-from worldpm_lite.tiny import tiny_quantized_dir
+from worldpm_lite.instrument import (
+    GATES_4BIT,
+    GATES_8BIT,
+    dense_variant,
+    gate_failures,
+    layer_errors,
+    layer_gate_failures,
+    permuted_hessian,
+)
+from worldpm_lite.scorer import Scorer
+from worldpm_lite.tiny import TINY_QUANT, tiny_quantized_dir
+
+LAYER_PAIRS = 100  # held-out pairs (200 conversations) for the per-layer errors
 
 
 def req(obj):
@@ -105,9 +118,10 @@ def heldout_file(tmp_path_factory, tiny_heldout):
     return path
 
 
-def test_fidelity_gates_on_the_small_model(tmp_path, tiny_dir, heldout_file):
-    """The CI gates: 8-bit GPTQ agreement >= 99.5% and Spearman >= 0.995; 4-bit GPTQ >= 97% and
-    >= 0.98; 4-bit GPTQ's mean absolute error below 4-bit RTN's."""
+def test_fidelity_gates_on_the_small_model(tmp_path, tiny_dir, heldout_file, tiny_heldout, ci_notes):
+    """The CI gates (worldpm_lite/instrument.py) on the real `quantize` output: 8-bit and 4-bit GPTQ
+    against the bf16 model on its 500 held-out pairs, and GPTQ's held-out error per layer against
+    round-to-nearest's at 4 bits."""
     cands = {"gptq8": tiny_quantized_dir(8), "gptq4": tiny_quantized_dir(4),
              "rtn4": tiny_quantized_dir(4, method="rtn")}
     out = tmp_path / "gates"
@@ -116,8 +130,46 @@ def test_fidelity_gates_on_the_small_model(tmp_path, tiny_dir, heldout_file):
                  "--report", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     m = dict(zip(cands, (c["metrics"] for c in report["candidates"])))
-    assert report["pairs"] >= 490 and report["reference_label_accuracy"] > 0.7  # the instrument has resolution
-    assert m["gptq8"]["pairwise_agreement"] >= 0.995 and m["gptq8"]["spearman"] >= 0.995
-    assert m["gptq4"]["pairwise_agreement"] >= 0.97 and m["gptq4"]["spearman"] >= 0.98
-    assert m["gptq4"]["mean_abs_error"] < m["rtn4"]["mean_abs_error"]
-    assert m["gptq8"]["mean_abs_error"] < m["gptq4"]["mean_abs_error"]
+    assert report["pairs"] >= 490 and report["reference_label_accuracy"] >= 0.74  # the instrument has resolution
+    reference = Scorer.from_pretrained(tiny_dir, device="cpu").model
+    seqs = [ids for p in tiny_heldout[:LAYER_PAIRS] for ids in (p.chosen_ids, p.rejected_ids)]
+    layers = {k: layer_errors(reference, Scorer.from_pretrained(cands[k], device="cpu").model, seqs)
+              for k in ("gptq4", "rtn4")}
+    ci_notes.append(f"gates on {tiny_dir.name}: reference label accuracy {report['reference_label_accuracy']:.3f}, "
+                    f"score std {m['gptq4']['reference_std']:.3f}")
+    for k in cands:
+        ci_notes.append(f"  {k}: " + ", ".join(f"{key} {m[k][key]:.5f}" for key in {**GATES_8BIT, **GATES_4BIT}))
+    for k, errors in layers.items():
+        ci_notes.append(f"  {k} held-out layer errors: " + ", ".join(f"{e:.2e}" for e in errors))
+    assert gate_failures(m["gptq8"], GATES_8BIT) == []
+    assert gate_failures(m["gptq4"], GATES_4BIT) == []
+    assert layer_gate_failures(layers["gptq4"], layers["rtn4"]) == []
+
+
+def test_gates_fail_a_clearly_worse_quantizer(tmp_path, tiny_dir, tiny_heldout, ci_notes):
+    """Negative controls through the same gates: 3-bit round-to-nearest, and 4-bit GPTQ fed a
+    permuted Hessian (the true one's spectrum, the wrong correlations). A gate that can no longer
+    fail them measures nothing."""
+    tok = Scorer.from_pretrained(tiny_dir, device="cpu")
+    calibration = builtin_calibration(tok.tokenizer, **TINY_QUANT)
+    requests = [parse_request({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) for p in tiny_heldout]
+    seqs = [ids for p in tiny_heldout for ids in (p.chosen_ids, p.rejected_ids)]
+    ref = np.array(tok.score_ids(seqs))
+    controls = {"rtn3": dict(bits=3, method="rtn"), "rtn4": dict(bits=4, method="rtn"),
+                "gptq4-permuted-hessian": dict(bits=4, hessian_transform=permuted_hessian()),
+                "rtn8": dict(bits=8, method="rtn")}
+    metrics, layers = {}, {}
+    for name, args in controls.items():
+        model = Scorer.from_pretrained(dense_variant(tiny_dir, tmp_path / name, calibration, **args), device="cpu")
+        metrics[name] = compare(ref, np.array(model.score_ids(seqs)), requests, margin=0.5)
+        layers[name] = layer_errors(tok.model, model.model, seqs[: 2 * LAYER_PAIRS])
+    for name in ("rtn3", "gptq4-permuted-hessian"):
+        caught = (gate_failures(metrics[name], GATES_8BIT), gate_failures(metrics[name], GATES_4BIT),
+                  layer_gate_failures(layers[name], layers["rtn4"]))
+        ci_notes.append(f"  control {name}: fails " + "; ".join(f for fs in caught for f in fs))
+        assert caught[0], f"{name} passes the 8-bit gates"  # as an 8-bit candidate
+        assert caught[2], f"{name} passes the GPTQ-vs-RTN layer gate"  # as a 4-bit candidate
+    # The instrument is not on a knife's edge: plain 8-bit rounding moves no score by more than a
+    # twentieth of the spread (recipe 2's model moved one by 0.6 of it: one-hot attention).
+    ci_notes.append(f"  rtn8 max error {metrics['rtn8']['max_abs_error_over_std']:.4f} of the score std")
+    assert gate_failures(metrics["rtn8"], GATES_8BIT) == []

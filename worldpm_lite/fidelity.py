@@ -6,9 +6,12 @@ a candidate with a different tokenizer is refused). Metrics per candidate, again
                        pairs are those inside each request (a chosen/rejected pair, all pairs of a
                        ranking), or, when the data holds only single conversations, all pairs of them
   ... above margin     the same over pairs whose reference scores differ by more than `margin`
+  ... clear pairs      the same over pairs whose reference margin exceeds CLEAR_FLOOR x the
+                       reference's score std: scale-free, so it means the same for any model
   label accuracy       share of chosen/rejected pairs where chosen scores higher (also for the reference)
   Spearman, Pearson    of the scores; Kendall tau per ranking prompt, averaged
-  mean / max |error|   of the scores; scale and offset of the least-squares fit candidate = a * ref + b
+  mean / max |error|   of the scores, also over the reference's score std (scale-free); scale and
+                       offset of the least-squares fit candidate = a * ref + b
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .data import Request
 
+CLEAR_FLOOR = 0.1  # a reference preference counts as clear above 0.1 x its score std
 MAX_ALL_PAIRS = 2_000_000  # single conversations only: all pairs up to this many, else a fixed random sample
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -97,6 +101,8 @@ def compare(ref: np.ndarray, cand: np.ndarray, requests: list[Request], margin: 
     labels = label_pairs(requests)
     taus = [stats.kendalltau(ref[idx], cand[idx]).statistic for idx in rankings(requests)]
     err = cand - ref
+    std = float(ref.std()) if len(ref) > 1 else 0.0
+    clear = np.abs(d_ref) > CLEAR_FLOOR * std if std > 0 else np.zeros(len(d_ref), dtype=bool)
     scale, offset = np.polyfit(ref, cand, 1) if len(ref) > 1 and np.ptp(ref) > 0 else (float("nan"), float("nan"))
     constant = len(ref) < 2 or np.ptp(ref) == 0 or np.ptp(cand) == 0
     return {
@@ -104,6 +110,8 @@ def compare(ref: np.ndarray, cand: np.ndarray, requests: list[Request], margin: 
         "pairwise_agreement": float(agree[decided].mean()) if decided.any() else None,
         "pairs_above_margin": int(wide.sum()),
         "pairwise_agreement_above_margin": float(agree[wide].mean()) if wide.any() else None,
+        "clear_pairs": int(clear.sum()),
+        "pairwise_agreement_clear": float(agree[clear].mean()) if clear.any() else None,
         "label_pairs": len(labels),
         "label_accuracy": float((cand[labels[:, 0]] > cand[labels[:, 1]]).mean()) if len(labels) else None,
         "spearman": None if constant else float(stats.spearmanr(ref, cand).statistic),
@@ -112,6 +120,9 @@ def compare(ref: np.ndarray, cand: np.ndarray, requests: list[Request], margin: 
         "kendall_tau_per_prompt": float(np.nanmean(taus)) if taus else None,
         "mean_abs_error": float(np.abs(err).mean()),
         "max_abs_error": float(np.abs(err).max()),
+        "reference_std": std,
+        "mean_abs_error_over_std": float(np.abs(err).mean() / std) if std > 0 else None,
+        "max_abs_error_over_std": float(np.abs(err).max() / std) if std > 0 else None,
         "fit_scale": float(scale),
         "fit_offset": float(offset),
     }
@@ -132,9 +143,12 @@ def _fmt(v) -> str:
 def markdown(report: dict) -> str:
     keys = [("pairwise_agreement", "pairwise agreement"),
             ("pairwise_agreement_above_margin", f"agreement, reference margin > {report['margin']}"),
+            ("pairwise_agreement_clear", f"agreement, reference margin > {CLEAR_FLOOR} x its std"),
             ("label_accuracy", "label accuracy"), ("spearman", "Spearman"), ("pearson", "Pearson"),
             ("kendall_tau_per_prompt", "Kendall tau per prompt"), ("mean_abs_error", "mean abs error"),
-            ("max_abs_error", "max abs error"), ("fit_scale", "fit scale a"), ("fit_offset", "fit offset b")]
+            ("max_abs_error", "max abs error"), ("mean_abs_error_over_std", "mean abs error / reference std"),
+            ("max_abs_error_over_std", "max abs error / reference std"), ("fit_scale", "fit scale a"),
+            ("fit_offset", "fit offset b")]
     cands = report["candidates"]
     lines = ["# Fidelity report\n", f"reference: `{report['reference']}`  ",
              f"data: `{report['data']}`: {report['requests']} requests, {report['conversations']} conversations, "
