@@ -81,7 +81,7 @@ def head(h, seed, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("B", [1, 2, 3, 16, 17, 65, 130])
-@pytest.mark.parametrize("h", [40, 129])  # not multiples of the 32/64 tiles
+@pytest.mark.parametrize("h", [40, 129, 520])  # off the 64/128 tiles; 129 and 520 split the inputs (2 and 5 ways)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fused_tail_matches_reference(B, h, dtype):
     gen = torch.Generator().manual_seed(B * h)
@@ -97,6 +97,31 @@ def test_fused_tail_matches_reference(B, h, dtype):
     # the same rows as a packed [R, h] layout
     packed = hidden.reshape(B * T, h)
     torch.testing.assert_close(fused_tail(packed, torch.arange(B) * T + index, *params), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tail_split_halves_scheme_is_within_1e_5_of_fp32(dtype):
+    """What the GPU kernel does with a 16-bit head (the interpreter cannot run 16-bit dots): the
+    normalized rows as hi + lo halves in the weights' dtype times the exact stored weights, fp32
+    sums. Products of two 16-bit floats are exact in fp32, as on the tensor cores."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 2048, generator=gen) * 3
+    w = (torch.randn(512, 2048, generator=gen) / 2048**0.5).to(dtype)
+    hi = x.to(dtype)
+    lo = (x - hi.float()).to(dtype)
+    got = hi.float() @ w.float().T + lo.float() @ w.float().T
+    want = x.double() @ w.double().T
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    one_half = x.to(dtype).float() @ w.float().T  # plain 16-bit inputs would not be
+    assert (one_half.double() - want).abs().max() > 1e-4 * want.abs().max()
+
+
+def test_tail_grid_fills_a_large_gpu():
+    from worldpm_lite.kernels.tail import BN, tail_grid
+
+    for B in (1, 16, 64):
+        BB, BK, splits, k_per = tail_grid(B, 8192, on_gpu=True)
+        assert 256 <= (8192 // BN) * splits <= 1024 and splits * k_per >= 8192 > (splits - 1) * k_per
 
 
 def test_fused_tail_ignores_every_other_row():
