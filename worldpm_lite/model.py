@@ -63,10 +63,10 @@ class WorldPM(nn.Module):
         <|endoftext|>. Returns [B] fp32 scores. Only those rows reach the final norm and the head."""
         x = self.hidden_states(input_ids)  # [B, T, h]
         s0, s2 = self.score[0], self.score[2]
-        index = last_index.to(x.device)
+        index = last_index  # kept where the caller made it (the CPU): the tail checks it there without a GPU sync
         if x.device != s0.weight.device:  # only the scoring rows travel to the head's GPU
-            x = x[torch.arange(x.shape[0], device=x.device), index].to(s0.weight.device)  # [B, h]
-            index = torch.arange(x.shape[0], device=x.device)
+            x = x[torch.arange(x.shape[0], device=x.device), index.to(x.device)].to(s0.weight.device)  # [B, h]
+            index = torch.arange(x.shape[0])
         tail = fused_tail if self.tail_backend == "triton" else fused_tail_ref
         return tail(x, index, self.model.norm.weight, self.model.norm.variance_epsilon,
                     s0.weight, s0.bias, s2.weight, s2.bias)
