@@ -55,4 +55,6 @@ def test_make_tiny_cli_is_deterministic_and_refuses_existing(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["make-tiny", str(tmp_path / "c"), "--pairs", "10", "--heldout", "20"]) == 2
     assert "heldout (20) must be smaller than pairs (10)" in capsys.readouterr().err
+    assert main(["make-tiny", str(tmp_path / "d"), "--lr", "0"]) == 2
+    assert "lr in (0, 1)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no half-written directories

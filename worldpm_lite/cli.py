@@ -146,7 +146,8 @@ def matches_published(scores: list[float], atol: float) -> tuple[bool, list[floa
 def cmd_make_tiny(args):
     from .tiny import make_tiny
 
-    cfg = TrainConfig(seed=args.seed, steps=args.steps, pairs=args.pairs, heldout=args.heldout)
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, pairs=args.pairs, heldout=args.heldout, lr=args.lr,
+                      weight_decay=args.weight_decay)
     report = make_tiny(args.out, log=lambda m: print(m, file=sys.stderr), train_cfg=cfg)
     h = report["heldout"]
     print(f"wrote {args.out}: held-out pairwise accuracy {h['pairwise_accuracy']:.3f} on {report['heldout_pairs']} "
@@ -339,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"preference pairs built from ShareGPT (default: {TrainConfig.pairs})")
     p.add_argument("--heldout", type=int, default=TrainConfig.heldout,
                    help=f"of those, held out for the accuracy report (default: {TrainConfig.heldout})")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr,
+                   help=f"peak learning rate (default: {TrainConfig.lr}; 3e-3, recipe 2's, trains unreliably)")
+    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
+                   help=f"AdamW weight decay on weight matrices (default: {TrainConfig.weight_decay})")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("demo", help="the whole path on the built-in small model, offline, on the CPU")

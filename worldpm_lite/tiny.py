@@ -57,6 +57,8 @@ class TrainConfig:
         for name in ("pairs", "steps", "batch_pairs", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer")
+        if not 0 < self.lr < 1 or self.weight_decay < 0:
+            raise ValueError(f"lr in (0, 1) and weight_decay >= 0 expected, found {self.lr} and {self.weight_decay}")
 
 
 def cache_dir() -> Path:
