@@ -41,9 +41,15 @@ def test_score_all_formats_in_order(tmp_path, small_dir):
 
 
 def test_score_to_stdout(tmp_path, small_dir, capsys):
+    import torch
+
     inp = write_jsonl(tmp_path / "in.jsonl", REQUESTS[:1])
     assert main(["score", "--model", str(small_dir), "--input", str(inp)]) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"id", "score"}
+    captured = capsys.readouterr()
+    assert set(json.loads(captured.out)) == {"id", "score"}
+    # --device defaults to auto and the first line says what it resolved to
+    first = captured.err.splitlines()[0]
+    assert first.startswith("device: ") and (torch.cuda.is_available() or first == "device: cpu (no GPU visible)")
 
 
 def test_bad_line_fails_without_output(tmp_path, small_dir, capsys):
