@@ -22,8 +22,6 @@ import torch
 from .checkpoint import Checkpoint, write_checkpoint
 from .model import WorldPM
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-
 
 def permuted_hessian(seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """A wrong Hessian with the true one's spectrum: rows and columns in a random order, so GPTQ
@@ -43,6 +41,7 @@ def dense_variant(src_dir: str | Path, out_dir: str | Path, calibration: list[li
     weights: any bit width (3-bit controls too), any Hessian, scored like a bf16 checkpoint."""
     from .quantize.gptq import QuantConfig
     from .quantize.pipeline import stream_layers
+    from .quantize.run import TOKENIZER_FILES  # what `quantize` copies beside its output
 
     src_dir, out = Path(src_dir), Path(out_dir)
     ckpt = Checkpoint(src_dir)
