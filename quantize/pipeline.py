@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worldpm_lite.checkpoint import LAYER_GROUPS
+from worldpm_lite.checkpoint import LAYER_GROUPS, CheckpointError
 
 from .gptq import QuantConfig, QuantizedWeight, gptq, hessian_add, hessian_init, rtn
 
@@ -89,6 +89,16 @@ def quantize_layer(layer, inputs: list[torch.Tensor], rope: Callable, cfg: Quant
     return quantized, reports
 
 
+def check_finite(ckpt, name: str, t: torch.Tensor) -> torch.Tensor:
+    """`t` (tensor `name` as read from `ckpt`) unchanged, or CheckpointError when it holds NaN or inf:
+    one inf in a weight turns every activation after it, and every score, into NaN without a word."""
+    if not torch.isfinite(t).all():
+        n_inf, n_nan = int(torch.isinf(t).sum()), int(torch.isnan(t).sum())
+        raise CheckpointError(f"{ckpt.path / ckpt.weight_map[name]}: tensor '{name}' has non-finite values "
+                              f"({n_inf} inf, {n_nan} NaN); the source checkpoint is damaged")
+    return t
+
+
 def load_layer(ckpt, index: int, dtype=torch.float32, device="cpu"):
     """Decoder layer `index` with only its own tensors read from the checkpoint."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
@@ -96,7 +106,7 @@ def load_layer(ckpt, index: int, dtype=torch.float32, device="cpu"):
     prefix = f"model.layers.{index}."
     with torch.device("meta"):
         layer = Qwen2DecoderLayer(ckpt.config.to_qwen2(), index)
-    state = {n.removeprefix(prefix): ckpt.tensor(n).to(device=device, dtype=dtype)
+    state = {n.removeprefix(prefix): check_finite(ckpt, n, ckpt.tensor(n).to(device=device, dtype=dtype))
              for n in ckpt.names() if n.startswith(prefix)}
     layer.load_state_dict(state, strict=True, assign=True)
     ckpt.release()  # the layer's pages would otherwise stay mapped: memory would grow with depth
@@ -123,7 +133,7 @@ def return_freed_memory() -> None:
 
 def embed(ckpt, calibration: list[list[int]]) -> list[torch.Tensor]:
     """Calibration token ids -> one fp32 [1, T, h] tensor each, on the host."""
-    emb = ckpt.tensor("model.embed_tokens.weight")
+    emb = check_finite(ckpt, "model.embed_tokens.weight", ckpt.tensor("model.embed_tokens.weight"))
     out = [emb[torch.tensor(ids)].float().unsqueeze(0) for ids in calibration]
     ckpt.release()
     return out

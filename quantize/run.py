@@ -32,7 +32,7 @@ from worldpm_lite.devices import check_device
 from .calibration import builtin_calibration, file_calibration, fingerprint
 from .gptq import QuantConfig
 from .pack import dequantize_packed, pack
-from .pipeline import embed, load_layer, make_rope, quantize_layer, return_freed_memory, run_layer
+from .pipeline import check_finite, embed, load_layer, make_rope, quantize_layer, return_freed_memory, run_layer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -108,7 +108,7 @@ def _layer_tensors(src: Checkpoint, i: int, quantized: dict, bits: int) -> dict[
             out[f"{prefix}{name}.{key}"] = t
     for name in src.names():
         if name.startswith(prefix) and not (name.endswith(".weight") and name[len(prefix):-7] in LINEARS):
-            out[name] = src.tensor(name)  # norms and q/k/v biases
+            out[name] = check_finite(src, name, src.tensor(name))  # norms and q/k/v biases
     return out
 
 
@@ -149,6 +149,14 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
         raise FileExistsError(f"{staging}: an interrupted run is there (pass --resume to continue it, or delete it)")
 
     calibration = _calibration(settings, src_dir)
+    # Every tensor is checked finite as it is read (the layers' as each is loaded). The ones outside
+    # the layers are checked now, before anything is written: a damaged final norm must not wait
+    # for every layer to be quantized. The embedding is read (and checked) by embed.
+    hidden = embed(src, calibration)
+    for name in src.names():
+        if not name.startswith("model.layers.") and name != "model.embed_tokens.weight":
+            check_finite(src, name, src.tensor(name))
+    src.release()
     run_id = fingerprint([[_sha256(src_dir / "config.json")], [json.dumps(asdict(settings), sort_keys=True)],
                           [fingerprint(calibration)], sorted(set(src.weight_map.values()))])
     progress = Progress(run_id)
@@ -166,7 +174,6 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
     n_layers = src.config.num_hidden_layers
     total = n_layers + 1  # one shard per layer, the last one for embeddings, final norm and head
     cfg = settings.quant_config()
-    hidden = embed(src, calibration)
     rope = make_rope(src, device)
     if layer_bar is not None:
         layer_bar.reset(total=n_layers)
@@ -195,7 +202,7 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
         if layer_bar is not None:
             layer_bar.update(1)
 
-    rest = {n: src.tensor(n) for n in src.names() if not n.startswith("model.layers.")}
+    rest = {n: check_finite(src, n, src.tensor(n)) for n in src.names() if not n.startswith("model.layers.")}
     _save_atomic(rest, staging / shard_name(n_layers, total))
     weight_map, size = {}, 0
     for k in range(total):  # from the shard headers: nothing is loaded

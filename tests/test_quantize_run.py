@@ -131,3 +131,29 @@ def test_resume_with_other_settings_is_refused(tmp_path, deep_dir, capsys):
     (staging / "progress.json").write_text(json.dumps({"fingerprint": "other", "layers_done": 2, "layers": []}))
     assert main(["quantize", "--model", str(deep_dir), "--out", str(tmp_path / "o"), "--resume", *FAST]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, value, counts", [
+    ("model.layers.1.mlp.down_proj.weight", float("inf"), "(1 inf, 0 NaN)"),  # found when layer 1 is loaded
+    ("model.embed_tokens.weight", float("nan"), "(0 inf, 1 NaN)"),  # found before anything is written
+    ("model.norm.weight", float("-inf"), "(1 inf, 0 NaN)"),  # written last, checked before the first layer
+])
+def test_non_finite_source_tensor_is_refused(tmp_path, small_state, capsys, name, value, counts):
+    state = dict(small_state)
+    state[name] = small_state[name].clone()
+    state[name].view(-1)[7] = value
+    src = tmp_path / "src"
+    write_checkpoint(src, SMALL, state, max_shard_bytes=40 << 20)
+    add_tokenizer(src)
+    shard = src / Checkpoint(src).weight_map[name]
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(src), "--out", str(out), "--method", "rtn", "--samples", "4",
+                 "--seq-len", "32", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{shard}: tensor '{name}' has non-finite values {counts}; the source checkpoint is damaged" in err, err
+    assert not out.exists()  # nothing that looks complete
+    staging = tmp_path / ".q.partial"
+    if name.startswith("model.layers.1."):
+        assert (staging / "model-00001-of-00003.safetensors").exists()  # layer 0 was fine
+    elif not name.startswith("model.layers."):
+        assert not staging.exists()  # refused before anything was written
