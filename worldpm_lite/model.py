@@ -49,7 +49,7 @@ class WorldPM(nn.Module):
         """
         x = self.model.embed_tokens(input_ids.to(self.input_device))
         pos = torch.arange(input_ids.shape[1], device=x.device).unsqueeze(0)  # [1, T]
-        cos, sin = self.model.rotary_emb(x, pos)  # each [1, T, head_dim]
+        cos, sin = (t[: input_ids.shape[1]].unsqueeze(0) for t in self.rope(x.device, x.dtype))  # [1, T, head_dim]
         rope = {x.device: (cos, sin)}
         for layer in self.model.layers:
             dev = layer.input_layernorm.weight.device
@@ -58,14 +58,35 @@ class WorldPM(nn.Module):
             x = layer(x.to(dev), attention_mask=None, position_ids=pos.to(dev), position_embeddings=rope[dev])
         return x
 
+    def rope(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [max_position_embeddings, head_dim] of every position, built once per device and
+        dtype. A position's values must not depend on the batch it is in (or on the process, for
+        `score --resume`): transformers' rotary module, called per batch, gave 1-ulp different
+        values in some processes. Same formula (fp32 angle = position x inv_freq), cos/sin taken in
+        fp64 and rounded."""
+        tables = self.__dict__.setdefault("_rope_tables", {})
+        if (device, dtype) not in tables:
+            r = self.model.rotary_emb
+            pos = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
+            angle = (pos[:, None] * r.inv_freq.to("cpu", torch.float32)[None, :]).double()  # [P, head_dim / 2]
+            angle = torch.cat((angle, angle), -1)
+            tables[(device, dtype)] = tuple((f(angle) * r.attention_scaling).to(device, dtype) for f in (torch.cos,
+                                                                                                          torch.sin))
+        return tables[(device, dtype)]
+
     def forward(self, input_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         """input_ids: [B, T] right-padded; last_index: [B] position of each sequence's
         <|endoftext|>. Returns [B] fp32 scores. Only those rows reach the final norm and the head."""
-        x = self.hidden_states(input_ids)  # [B, T, h]
+        return self.head(self.hidden_states(input_ids), last_index)  # [B, T, h] -> [B]
+
+    def head(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Scores from hidden states before the final norm: x [B, T, h] with index [B] the scoring
+        position in each row, or packed x [L, h] with index [B] the scoring rows. Returns [B] fp32."""
         s0, s2 = self.score[0], self.score[2]
-        index = last_index  # kept where the caller made it (the CPU): the tail checks it there without a GPU sync
+        # index stays where the caller made it (the CPU): the tail checks it there without a GPU sync
         if x.device != s0.weight.device:  # only the scoring rows travel to the head's GPU
-            x = x[torch.arange(x.shape[0], device=x.device), index.to(x.device)].to(s0.weight.device)  # [B, h]
+            rows = index.to(x.device)
+            x = (x[torch.arange(x.shape[0], device=x.device), rows] if x.dim() == 3 else x[rows]).to(s0.weight.device)
             index = torch.arange(x.shape[0])
         tail = fused_tail if self.tail_backend == "triton" else fused_tail_ref
         return tail(x, index, self.model.norm.weight, self.model.norm.variance_epsilon,
