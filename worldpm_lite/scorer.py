@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .chat import ENDOFTEXT, encode_conversation, load_tokenizer
+from .chat import ENDOFTEXT, ConversationError, check_conversation, encode_conversation, load_tokenizer
 from .checkpoint import Checkpoint
-from .data import with_response
+from .data import prompt_messages, with_response
 from .devices import check_device
 from .model import WorldPM, load_model
+from .packing import Group, pack, run_batches
 from .plan import auto_device_map, check_visible, gpu_capacity
 from .qlinear import GPTQLinear
 
@@ -25,8 +28,43 @@ DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torc
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+PADDED_WINDOW = 64  # the padded path sorts by length within windows of this many token budgets
+
+
 class ConversationTooLong(ValueError):
     pass
+
+
+class NonFiniteScore(ValueError):
+    """A score came out NaN or inf: the weights (or their quantization) are broken."""
+
+    def __init__(self, group: int, part: int, value: float):
+        self.group, self.part, self.value = group, part, value
+        super().__init__(f"request {group}, conversation {part}: the score is {value}; a NaN/inf score means "
+                         "the checkpoint is the likely cause (non-finite or overflowing weights)")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one batch finished: groups 0..done-1 are complete; results lists (group, scores) of
+    the groups completed now, in order; tokens counts their conversations' tokens."""
+
+    done: int
+    results: list[tuple[int, list[float]]]
+    tokens: int
+
+
+def _check_finite(values: list[float], owners: list[tuple[int, int]]) -> None:
+    for v, (g, j) in zip(values, owners):
+        if not math.isfinite(v):
+            raise NonFiniteScore(g, j, v)
+
+
+@contextlib.contextmanager
+def _quiet_bnb():
+    with warnings.catch_warnings():  # bitsandbytes int8 says this on every call with fp32/bf16 inputs
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        yield
 
 
 @dataclass(frozen=True)
@@ -75,14 +113,21 @@ def plan_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
 class Scorer:
     """Scores conversations with a WorldPM model.
 
-    token_budget: padded tokens per forward pass (batch size x longest sequence); default 8192 on
+    token_budget: tokens per forward pass (packed: their sum; padded: batch size x longest sequence); default 8192 on
     a GPU, 2048 on the CPU.
     truncation: "error" (default) refuses a conversation longer than max_length tokens;
     "left" drops its oldest tokens and keeps the end, where the reward is read.
+    packing (default on): conversations of different lengths share one token stream per batch,
+    attention confined to each; off: right-padded, length-sorted batches (the reference path).
+    share_prompts (default on, needs packing): the prompt shared by the responses of a pair or a
+    ranking runs once and each response attends to its keys/values.
+    pipeline (default on): with the layers split over devices, stage 0 runs batch k+1 while the
+    next stage finishes batch k.
     """
 
     def __init__(self, model: WorldPM, tokenizer, *, token_budget: int | None = None,
-                 truncation: str = "error", max_length: int | None = None):
+                 truncation: str = "error", max_length: int | None = None, packing: bool = True,
+                 share_prompts: bool = True, pipeline: bool = True):
         if truncation not in TRUNCATION:
             raise ValueError(f"truncation: expected one of {TRUNCATION}, found {truncation!r}")
         if token_budget is None:
@@ -94,6 +139,7 @@ class Scorer:
             raise ValueError(f"max_length: expected 2..{limit} (max_position_embeddings), found {max_length}")
         self.model, self.tokenizer = model, tokenizer
         self.token_budget, self.truncation = token_budget, truncation
+        self.packing, self.share_prompts, self.pipeline = packing, share_prompts, pipeline
         self.max_length = max_length or limit
         self.pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
 
@@ -143,21 +189,85 @@ class Scorer:
         tail = "Triton fused tail" if m.tail_backend == "triton" else "torch tail"
         return f"{weights}; {tail}; {dtype} compute on {', '.join(devices)}"
 
-    def encode(self, conversations: list) -> list[list[int]]:
+    def encode(self, conversations: list, where: str = "conversation") -> list[list[int]]:
+        """Token ids of each conversation (refused unless it ends with the assistant's reply)."""
         encoded = []
         for n, conv in enumerate(conversations):
+            if isinstance(conv, list) and conv and isinstance(conv[-1], dict) and conv[-1].get("role") != "assistant":
+                raise ConversationError(f"{where} {n}: the last message must be the assistant's reply (the reward "
+                                        f"is read after it), found role {conv[-1].get('role')!r}")
             ids = encode_conversation(self.tokenizer, conv)
             if len(ids) > self.max_length:
                 if self.truncation == "error":
                     raise ConversationTooLong(
-                        f"conversation {n} has {len(ids)} tokens; the model reads at most {self.max_length} "
+                        f"{where} {n} has {len(ids)} tokens; the model reads at most {self.max_length} "
                         "(pass truncation='left' / --truncate to keep the last tokens)")
                 ids = ids[-self.max_length:]
             encoded.append(ids)
         return encoded
 
+    def group(self, conversations: list, prompt: list | None = None, where: str = "conversation") -> Group:
+        """One request's conversations as a Group. With `prompt` (the messages every conversation
+        starts with) and share_prompts, the tokens all conversations share are run once, provided
+        the prompt's own tokens under the chat template are an exact prefix of every one of them;
+        otherwise (a template that renders the prompt differently, left truncation) each
+        conversation is scored alone."""
+        full = self.encode(conversations, where)
+        if prompt is None or len(full) < 2 or not (self.share_prompts and self.packing):
+            return Group(None, full)
+        text = self.tokenizer.apply_chat_template(check_conversation(prompt), tokenize=False,
+                                                  add_generation_prompt=False)
+        own = self.tokenizer.encode(text, add_special_tokens=False)
+        n = min(len(f) for f in full) - 1  # every response keeps at least its scoring token
+        for f in full[1:]:
+            n = next((i for i in range(n) if f[i] != full[0][i]), n)
+        if n < len(own) or full[0][:len(own)] != own:
+            return Group(None, full)
+        return Group(full[0][:n], [f[n:] for f in full])
+
+    def run(self, groups: Iterable[Group]) -> Iterator[Step]:
+        """Score groups lazily, in order: one Step per batch, each with the groups it completed.
+        A non-finite score raises NonFiniteScore."""
+        if not self.packing:
+            yield from self._run_padded(groups)
+            return
+        sizes, pending, reported = {}, {}, 0
+
+        def counted():
+            for n, g in enumerate(groups):
+                sizes[n] = len(g.parts)
+                yield g
+
+        with torch.inference_mode(), _quiet_bnb():
+            for batch, scores in run_batches(self.model, pack(counted(), self.token_budget), self.pipeline):
+                values = scores.tolist()
+                _check_finite(values, batch.owners)
+                for (g, j), v in zip(batch.owners, values):
+                    pending.setdefault(g, [0.0] * sizes[g])[j] = v
+                done = [(g, pending.pop(g)) for g in range(reported, batch.done)]
+                for g, _ in done:
+                    del sizes[g]
+                reported = batch.done
+                yield Step(batch.done, done, batch.tokens)
+
+    def _run_padded(self, groups: Iterable[Group]) -> Iterator[Step]:
+        """The padded reference path: windows of groups, each conversation alone, length-sorted
+        batches right-padded to their longest sequence."""
+        window, first, work = [], 0, 0
+        for g in groups:
+            parts = g.parts if g.prompt is None else [g.prompt + p for p in g.parts]
+            window.append(parts)
+            work += sum(map(len, parts))
+            if work >= PADDED_WINDOW * self.token_budget:
+                yield self._padded_window(window, first)
+                first, window, work = first + len(window), [], 0
+        if window:
+            yield self._padded_window(window, first)
+
     @torch.inference_mode()
-    def score_ids(self, encoded: list[list[int]], progress=None) -> list[float]:
+    def _padded_window(self, window: list[list[list[int]]], first: int) -> Step:
+        encoded = [ids for parts in window for ids in parts]
+        owners = [(first + g, j) for g, parts in enumerate(window) for j in range(len(parts))]
         scores = [0.0] * len(encoded)
         for batch in plan_batches([len(ids) for ids in encoded], self.token_budget):
             width = len(encoded[batch[0]])
@@ -165,24 +275,41 @@ class Scorer:
             for row, i in enumerate(batch):
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
             last = torch.tensor([len(encoded[i]) - 1 for i in batch])  # [B] the <|endoftext|> positions
-            with warnings.catch_warnings():  # bitsandbytes int8 says this on every call with fp32/bf16 inputs
-                warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+            with _quiet_bnb():
                 out = self.model(ids, last).tolist()
+            _check_finite(out, [owners[i] for i in batch])
             for i, s in zip(batch, out):
                 scores[i] = s
+        results, k = [], 0
+        for g, parts in enumerate(window):
+            results.append((first + g, scores[k: k + len(parts)]))
+            k += len(parts)
+        return Step(first + len(window), results, len(encoded) and sum(map(len, encoded)))
+
+    def score_ids(self, encoded: list[list[int]], progress=None) -> list[float]:
+        """One score per token sequence (each ending with <|endoftext|>), in input order."""
+        scores = []
+        for step in self.run(Group(None, [ids]) for ids in encoded):
+            scores += [s[0] for _, s in step.results]
             if progress is not None:
-                progress.update(len(batch))
+                progress.update(len(step.results))
         return scores
 
     def score(self, conversations: list, progress=None) -> list[float]:
-        """One score per conversation (a list of {"role", "content"} messages), in input order."""
+        """One score per conversation (a list of {"role", "content"} messages ending with the
+        assistant's reply), in input order."""
         return self.score_ids(self.encode(conversations), progress)
+
+    def score_groups(self, groups: list[Group]) -> list[list[float]]:
+        return [s for step in self.run(groups) for _, s in step.results]
 
     def compare(self, prompt, response_a: str, response_b: str) -> Comparison:
         """Score two responses to the same prompt (a string or a list of prior messages)."""
-        a, b = self.score([with_response(prompt, r, "response") for r in (response_a, response_b)])
+        convs = [with_response(prompt, r, "response") for r in (response_a, response_b)]
+        a, b = self.score_groups([self.group(convs, prompt_messages(prompt, "prompt"))])[0]
         return Comparison(a, b)
 
     def rank(self, prompt, responses: list[str]) -> Ranking:
         """Score several responses to one prompt; `.order` lists them best first."""
-        return Ranking(self.score([with_response(prompt, r, f"responses[{i}]") for i, r in enumerate(responses)]))
+        convs = [with_response(prompt, r, f"responses[{i}]") for i, r in enumerate(responses)]
+        return Ranking(self.score_groups([self.group(convs, prompt_messages(prompt, "prompt"))])[0])

@@ -1,0 +1,251 @@
+"""Packed batches: several conversations in one token stream, no padding, shared prompts run once.
+
+A batch is one stream of token ids [L] cut into segments. A segment is a whole conversation, a
+shared prompt, or one response that follows a shared prompt. Attention stays inside each segment
+(causal), and a response also attends to every token of its prompt, whose keys and values are
+computed once: earlier in the same stream, or in an earlier batch and kept per layer until the
+request's last response is scored. Each segment is attended by its own SDPA call, so the work is
+block-diagonal (no L x L mask) and a score does not depend on its neighbours in the stream.
+
+Batches start at a request boundary unless one request alone exceeds the token budget; such a
+request starts a batch of its own and its responses spill into the following ones. So the batches
+that follow any finished request are the same whether a run started at the first line or resumed
+there: a resumed `score` computes the same numbers as an uninterrupted one.
+
+With the decoder split over devices, `run_batches` keeps one batch in flight per stage: stage 0
+takes batch k+1 while stage 1 finishes batch k (GPU kernels are queued asynchronously, and nothing
+here waits for a GPU until a batch's scores are read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Group:
+    """One request's conversations as token ids. prompt: ids shared by every part (each part is a
+    response's own tokens after it), or None (each part is a whole conversation, scored alone)."""
+
+    prompt: list[int] | None
+    parts: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the conversations as a user sees them (the prompt counted once per response)."""
+        return sum(len(p) for p in self.parts) + len(self.prompt or ()) * len(self.parts)
+
+    @property
+    def work(self) -> int:
+        """Tokens the model runs (the prompt once)."""
+        return sum(len(p) for p in self.parts) + len(self.prompt or ())
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int  # first token in the stream
+    length: int
+    position: int  # position id of the first token: 0, or its prompt's length
+    prompt: int | None = None  # key of the prompt segment it follows
+    key: int | None = None  # this segment is a prompt, known by this key
+    keep: bool = False  # a prompt whose keys/values later batches read: store them per layer
+
+
+@dataclass
+class Batch:
+    ids: list[int] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    owners: list[tuple[int, int]] = field(default_factory=list)  # (group, part) of each scored segment, in order
+    scored: list[int] = field(default_factory=list)  # stream row of each scored segment's last token
+    done: int = 0  # groups 0..done-1 are complete once this batch is scored
+    free: list[int] = field(default_factory=list)  # prompt keys no later batch reads
+    tokens: int = 0  # conversation tokens completed (Group.tokens of the groups this batch finishes)
+
+    def add(self, ids: list[int], position: int = 0, prompt: int | None = None, key: int | None = None,
+            owner: tuple[int, int] | None = None) -> None:
+        self.segments.append(Segment(len(self.ids), len(ids), position, prompt, key))
+        self.ids += ids
+        if owner is not None:
+            self.owners.append(owner)
+            self.scored.append(len(self.ids) - 1)
+
+
+def pack(groups: Iterable[Group], budget: int) -> Iterator[Batch]:
+    """Batches of at most `budget` tokens (a single segment longer than that gets a batch alone), in
+    group order. A group that fits no batch of its own starts a fresh one and spills over."""
+    batch, n = Batch(), -1
+    for n, g in enumerate(groups):
+        if batch.ids and len(batch.ids) + g.work > budget:
+            yield batch
+            batch = Batch(done=n)
+        key = home = None
+        if g.prompt is not None:
+            key, home = n, (batch, len(batch.segments))
+            batch.add(g.prompt, key=key)
+        for j, part in enumerate(g.parts):
+            if batch.ids and len(batch.ids) + len(part) > budget:
+                if home is not None and home[0] is batch:  # the prompt stays behind: later batches read it
+                    batch.segments[home[1]] = replace(batch.segments[home[1]], keep=True)
+                yield batch
+                batch = Batch(done=n)
+            batch.add(part, len(g.prompt or ()), key, owner=(n, j))
+        if home is not None and home[0] is not batch:
+            batch.free.append(key)
+        batch.tokens += g.tokens
+        batch.done = n + 1
+    if batch.ids:
+        yield batch
+
+
+class PackedRun:
+    """One packed batch on its way through the model: embed, then layers stage by stage, then the
+    head. `cache` maps a kept prompt's key to its per-layer (keys, values)."""
+
+    def __init__(self, model, batch: Batch, cache: dict):
+        self.model, self.batch, self.cache = model, batch, cache
+        self.next_layer = 0
+        ids = torch.tensor(batch.ids, dtype=torch.long)
+        dev = model.input_device
+        if dev.type == "cuda":  # pinned + non_blocking: the host does not wait for the GPU's queue
+            ids = ids.pin_memory()
+        self.x = model.model.embed_tokens(ids.to(dev, non_blocking=True))  # [L, h]
+        pos = torch.cat([torch.arange(s.position, s.position + s.length) for s in batch.segments])
+        pos = pos.to(dev, non_blocking=True)
+        self.rope = {self.x.device: tuple(t[pos] for t in model.rope(self.x.device, self.x.dtype))}  # [L, head_dim]
+        self.buckets = {torch.device("cpu"): length_buckets(batch.segments)}
+        for s in batch.segments:
+            if s.keep:
+                cache[s.key] = {}
+
+    def advance(self, stop: int) -> None:
+        """Run layers next_layer..stop-1."""
+        layers = self.model.model.layers
+        for i in range(self.next_layer, stop):
+            layer = layers[i]
+            dev = layer.input_layernorm.weight.device
+            if dev not in self.rope:
+                cos, sin = next(iter(self.rope.values()))
+                self.rope[dev] = (cos.to(dev), sin.to(dev))
+            if dev not in self.buckets:
+                self.buckets[dev] = [tuple(t.to(dev, non_blocking=True) for t in b)
+                                     for b in self.buckets[torch.device("cpu")]]
+            self.x = packed_layer(layer, self.x.to(dev), self.rope[dev], self.batch.segments, self.buckets[dev],
+                                  self.cache, i)
+        self.next_layer = stop
+
+    def scores(self) -> torch.Tensor:
+        """[number of scored segments] fp32 (on the head's device; reading it waits for the GPU)."""
+        for key in self.batch.free:
+            self.cache.pop(key, None)
+        if not self.batch.scored:  # a prompt alone in its batch
+            return torch.empty(0)
+        return self.model.head(self.x, torch.tensor(self.batch.scored, dtype=torch.long))
+
+
+def length_buckets(segments: list[Segment]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The segments without a prompt, grouped by length (up to 2x apart) so each group's attention
+    is one SDPA call over [S, H, T, d]: (gather [S, T] stream rows, each row's last real token
+    repeated as filler; source [R] positions in the flattened [S * T] output; destination [R]
+    stream rows). Causal attention keeps the filler, which comes after every real token, out of
+    every real token's result."""
+    groups: dict[int, list[Segment]] = {}
+    for s in segments:
+        if s.prompt is None:
+            groups.setdefault((s.length - 1).bit_length(), []).append(s)
+    out = []
+    for _, segs in sorted(groups.items()):
+        width = max(s.length for s in segs)
+        steps = torch.arange(width)
+        gather = torch.stack([s.start + steps.clamp(max=s.length - 1) for s in segs])  # [S, T]
+        source = torch.cat([j * width + torch.arange(s.length) for j, s in enumerate(segs)])
+        dest = torch.cat([torch.arange(s.start, s.start + s.length) for s in segs])
+        out.append((gather, source, dest))
+    return out
+
+
+def packed_layer(layer, x: torch.Tensor, rope: tuple, segments: list[Segment], buckets: list, cache: dict,
+                 index: int) -> torch.Tensor:
+    """One Qwen2 decoder layer over a packed stream x [L, h], attention confined to each segment
+    (plus its prompt). The same modules and arithmetic as transformers' layer with SDPA attention."""
+    attn = layer.self_attn
+    if attn.sliding_window is not None:
+        raise NotImplementedError("packed attention: sliding-window layers are not supported")
+    n, d = x.shape[0], attn.head_dim
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(n, -1, d).transpose(0, 1)  # [Hq, L, d]
+    k = attn.k_proj(h).view(n, -1, d).transpose(0, 1)  # [Hkv, L, d]
+    v = attn.v_proj(h).view(n, -1, d).transpose(0, 1)
+    q, k = _rotate(q, *rope), _rotate(k, *rope)
+    out = torch.empty_like(q)
+    for gather, source, dest in buckets:  # whole conversations and prompts, by length
+        s_, t_ = gather.shape
+        o = F.scaled_dot_product_attention(*(m[:, gather].transpose(0, 1) for m in (q, k, v)), is_causal=True,
+                                           scale=attn.scaling, enable_gqa=True)  # [S, Hq, T, d]
+        out[:, dest] = o.transpose(0, 1).reshape(o.shape[1], s_ * t_, d)[:, source]
+    local = {}
+    for s in segments:
+        a, b = s.start, s.start + s.length
+        ks, vs = k[:, a:b], v[:, a:b]
+        if s.key is not None:
+            local[s.key] = (ks, vs)
+            if s.keep:
+                cache[s.key][index] = (ks.clone(), vs.clone())
+        if s.prompt is None:
+            continue
+        pk, pv = local[s.prompt] if s.prompt in local else cache[s.prompt][index]
+        p = pk.shape[1]
+        mask = torch.ones(s.length, p + s.length, dtype=torch.bool, device=x.device).tril(p)  # [t, p + t]
+        out[:, a:b] = F.scaled_dot_product_attention(q[:, a:b], torch.cat([pk, ks], 1), torch.cat([pv, vs], 1),
+                                                     attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+    x = x + attn.o_proj(out.transpose(0, 1).reshape(n, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' Qwen2 applies it: x [H, L, d], cos/sin [L, d]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def stages(model) -> list[int]:
+    """Layer indices where each pipeline stage ends: one stage per run of consecutive layers on one
+    device (model.stage_ends overrides, e.g. to test the schedule with two stages on one CPU)."""
+    if getattr(model, "stage_ends", None):
+        return list(model.stage_ends)
+    ends, layers = [], model.model.layers
+    for i in range(1, len(layers)):
+        if layers[i].input_layernorm.weight.device != layers[i - 1].input_layernorm.weight.device:
+            ends.append(i)
+    return ends + [len(layers)]
+
+
+def run_batches(model, batches: Iterable[Batch], pipeline: bool = True,
+                trace: list | None = None) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """(batch, scores) for each batch, in order. With several stages and `pipeline`, stage j runs
+    batch k - j in step k: later stages first, so each device has its next batch queued while the
+    host waits for the last stage's scores. trace, when given, records (batch number, stage)."""
+    ends = stages(model) if pipeline else [len(model.model.layers)]
+    cache: dict = {}
+    flight: list[tuple[int, PackedRun]] = []  # oldest first; flight[i] has finished stage s_i - 1
+    source = iter(batches)
+    k = 0
+    while True:
+        if len(flight) < len(ends):
+            batch = next(source, None)
+            if batch is not None:
+                flight.append((k, PackedRun(model, batch, cache)))
+                k += 1
+        if not flight:
+            return
+        for number, run in flight:  # oldest (furthest along) first: it frees its device soonest
+            stage = ends.index(run.next_layer) + 1 if run.next_layer else 0
+            run.advance(ends[stage])
+            if trace is not None:
+                trace.append((number, stage))
+        if flight[0][1].next_layer == ends[-1]:
+            _, run = flight.pop(0)
+            yield run.batch, run.scores()
