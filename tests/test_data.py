@@ -34,6 +34,7 @@ def test_request_formats():
     ('{"messages": [{"role": "user"}]}', r"3: messages\[0\].content: expected a string"),
     ('{"prompt": 12, "chosen": "a", "rejected": "b"}', "3: prompt: expected a string or a list of messages"),
     ('{"text": "hello"}', "3: request: expected 'messages', or 'prompt'"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "3: messages: the last message must be the assistant's"),
 ])
 def test_bad_lines_name_the_line(tmp_path, line, message):
     good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from .chat import ConversationError
@@ -33,12 +30,6 @@ class UsageError(ValueError):
     pass
 
 
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="conv", file=sys.stderr, disable=None, dynamic_ncols=True)
-
-
 def _gpu_sizes(text: str, flag: str) -> dict[int, int]:
     """'24GiB,24GiB' -> {0: bytes, 1: bytes}."""
     from .plan import parse_size
@@ -53,7 +44,8 @@ def _scorer_args(args) -> dict:
     """Scorer.from_pretrained keyword arguments from the options of _add_compute."""
     return dict(device=args.device, dtype=args.dtype, backend=args.backend, token_budget=args.token_budget,
                 max_memory=_gpu_sizes(args.max_memory, "--max-memory") if args.max_memory else None,
-                truncation="left" if args.truncate else "error")
+                truncation="left" if args.truncate else "error", packing=not args.no_packing,
+                share_prompts=not args.no_shared_prompts, pipeline=not args.no_pipeline)
 
 
 def _scorer(args):
@@ -72,44 +64,16 @@ def _check_device(args) -> None:
     print(describe(args.device), file=sys.stderr)
 
 
-def write_atomic(path: str, text: str):
-    """Write to a temporary file beside `path`, then rename: never a half-written file."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def cmd_score(args):
-    from .data import read_requests
+    from .stream import score_file, score_settings
 
-    requests = read_requests(args.input)
-    if args.output and not Path(args.output).parent.exists():
-        raise UsageError(f"--output {args.output}: folder {Path(args.output).parent} does not exist")
+    if args.resume and not args.output:
+        raise UsageError("--resume: needs --output (results on standard output cannot be resumed)")
     scorer = _scorer(args)
-    conversations = [c for r in requests for c in r.conversations]
-    try:
-        encoded = scorer.encode(conversations)
-    except ValueError as e:  # name the input line, not the flattened index
-        raise UsageError(f"{args.input}: {e}") from None
-    with _progress(len(encoded), "scoring") as bar:
-        scores = scorer.score_ids(encoded, progress=bar)
-    lines, k = [], 0
-    for r in requests:
-        n = len(r.conversations)
-        lines.append(json.dumps(r.result(scores[k: k + n]), ensure_ascii=False))
-        k += n
-    text = "\n".join(lines) + "\n"
+    n = score_file(scorer, args.input, args.output, score_settings(scorer, args.model), resume=args.resume,
+                   log=lambda m: print(m, file=sys.stderr))
     if args.output:
-        write_atomic(args.output, text)
-        print(f"wrote {len(lines)} results to {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+        print(f"wrote {n} results to {args.output}", file=sys.stderr)
 
 
 def cmd_selfcheck(args):
@@ -189,21 +153,16 @@ def cmd_plan(args):
 
 
 def cmd_fidelity(args):
-    from .data import read_requests
-    from .fidelity import Candidate, run_fidelity, write_report
+    from .fidelity import Candidate, run_fidelity, staging_dir, write_report
 
     if Path(args.report).exists() and not args.overwrite:
         raise UsageError(f"--report {args.report}: already exists (pass --overwrite to replace it)")
     if not Path(args.report).absolute().parent.is_dir():
         raise UsageError(f"--report {args.report}: folder {Path(args.report).absolute().parent} does not exist")
-    requests = read_requests(args.data)
-    scorer_args = _scorer_args(args)
-    try:
-        report, ref, scores = run_fidelity(args.reference, [Candidate.parse(c) for c in args.candidate], requests,
-                                           data=args.data, margin=args.margin, scorer_args=scorer_args,
-                                           progress=_progress, log=lambda m: print(m, file=sys.stderr))
-    except ConversationError as e:
-        raise UsageError(f"{args.data}: {e}") from None
+    report, ref, scores = run_fidelity(args.reference, [Candidate.parse(c) for c in args.candidate], args.data,
+                                       margin=args.margin, scorer_args=_scorer_args(args),
+                                       staging=staging_dir(args.report), resume=args.resume,
+                                       log=lambda m: print(m, file=sys.stderr))
     out = write_report(report, ref, scores, args.report, overwrite=args.overwrite)
     print(f"wrote {out}/report.json, report.md, scatter.png, errors.png")
     print(f"{'candidate':<32} {'agreement':>9} {'Spearman':>9} {'mean|err|':>9} {'max|err|':>9}")
@@ -245,6 +204,12 @@ def _add_compute(p):
     p.add_argument("--truncate", action="store_true",
                    help="drop the oldest tokens of a conversation longer than the model's positions "
                         "(default: refuse it with an error)")
+    p.add_argument("--no-packing", action="store_true", help="right-padded, length-sorted batches instead of "
+                   "packed token streams (slower; the reference path, for comparisons)")
+    p.add_argument("--no-shared-prompts", action="store_true", help="run a pair's or a ranking's prompt once per "
+                   "response instead of once (for comparisons)")
+    p.add_argument("--no-pipeline", action="store_true", help="with layers on several GPUs, run one batch at a "
+                   "time instead of feeding the next GPU's stage while the last one finishes (for comparisons)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,10 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
                        '  {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}\n'
                        '  {"prompt": "...", "chosen": "...", "rejected": "..."}\n'
                        '  {"prompt": "...", "responses": ["...", "..."]}\n'
-                       "A prompt may also be a list of messages. Output: one JSON line per input line, in order.")
+                       "A prompt may also be a list of messages; a messages list must end with the assistant's reply. "
+                       "Output: one JSON line per input line, in order.\n\n"
+                       "Every line is checked before scoring starts. Input is read lazily and results are written as "
+                       "they come, so memory does not grow with the file; a killed run continues with --resume. "
+                       "A pair's or ranking's prompt runs once for all its responses; conversations are packed into "
+                       "batches without padding. A NaN/inf score stops the run with its line number.")
     _add_runtime(p)
     p.add_argument("--input", required=True, help="JSONL file of requests")
-    p.add_argument("--output", help="where to write the JSONL results (default: standard output)")
+    p.add_argument("--output", help="where to write the JSONL results (default: standard output). They are written "
+                   "as they come to .OUTPUT.partial, renamed to OUTPUT when every line is scored")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last recorded line "
+                   "(same model and options; ends byte-identical to an uninterrupted run)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("selfcheck", help="score WorldPM's README pair; compare with the published values for 72B")
@@ -315,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.5,
                    help="also report agreement on pairs whose reference scores differ by more than this (default 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (models already done are not "
+                   "scored again; the one in progress continues from its last recorded line)")
     _add_compute(p)
     p.set_defaults(func=cmd_fidelity)
 

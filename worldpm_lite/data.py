@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .chat import ConversationError, check_conversation
 
@@ -76,7 +76,7 @@ class Request:
     kind: str  # "messages" | "pair" | "ranking"
     conversations: list[list[dict]]
     id: object = None
-    labels: list[str] = field(default_factory=list)
+    prompt: list[dict] | None = None  # pairs and rankings: the messages every response follows
 
     def result(self, scores: list[float]) -> dict:
         out = {} if self.id is None else {"id": self.id}
@@ -107,7 +107,11 @@ def parse_request(obj, where: str = "request") -> Request:
         raise ConversationError(f"{where}: expected a JSON object, found {type(obj).__name__}")
     rid = obj.get("id")
     if "messages" in obj:
-        return Request("messages", [check_conversation(obj["messages"], "messages")], rid)
+        msgs = check_conversation(obj["messages"], "messages")
+        if msgs[-1]["role"] != "assistant":
+            raise ConversationError(f"messages: the last message must be the assistant's reply (the reward is read "
+                                    f"after it), found role {msgs[-1]['role']!r}")
+        return Request("messages", [msgs], rid)
     if "prompt" not in obj:
         raise ConversationError(f"{where}: expected 'messages', or 'prompt' with 'chosen'/'rejected' or 'responses'")
     prompt = obj["prompt"]
@@ -115,33 +119,54 @@ def parse_request(obj, where: str = "request") -> Request:
         for key in ("chosen", "rejected"):
             if key not in obj:
                 raise ConversationError(f"{where}: has a pair without '{key}'")
-        return Request("pair", [with_response(prompt, obj[k], k) for k in ("chosen", "rejected")], rid)
+        return Request("pair", [with_response(prompt, obj[k], k) for k in ("chosen", "rejected")], rid,
+                       prompt_messages(prompt, "prompt"))
     if "responses" in obj:
         responses = obj["responses"]
         if not isinstance(responses, list) or not responses:
             raise ConversationError("responses: expected a non-empty list of strings")
-        return Request("ranking", [with_response(prompt, r, f"responses[{i}]") for i, r in enumerate(responses)], rid)
+        return Request("ranking", [with_response(prompt, r, f"responses[{i}]") for i, r in enumerate(responses)], rid,
+                       prompt_messages(prompt, "prompt"))
     raise ConversationError(f"{where}: has 'prompt' but neither 'chosen'/'rejected' nor 'responses'")
 
 
-def read_requests(path: str) -> list[Request]:
-    """Every line of a JSONL file as a Request; the first bad line raises RequestError."""
-    requests = []
+@dataclass(frozen=True)
+class Line:
+    number: int  # 1-based line number in the input
+    end: int  # byte offset just after the line
+    request: Request
+
+
+def read_lines(path: str, offset: int = 0, number: int = 0, digest=None) -> Iterator[Line]:
+    """The requests of a JSONL file from byte `offset` (after line `number`) on, one at a time;
+    a bad line raises RequestError naming the file and the line. digest: a hashlib object fed
+    every byte read."""
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    requests.append(parse_request(json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise RequestError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-                except ConversationError as e:
-                    raise RequestError(f"{path}:{n}: {e}") from None
+        f = open(path, "rb")
     except FileNotFoundError:
         raise RequestError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise RequestError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    with f:
+        f.seek(offset)
+        for raw in f:
+            number += 1
+            offset += len(raw)
+            if digest is not None:
+                digest.update(raw)
+            if not raw.strip():
+                continue
+            try:
+                yield Line(number, offset, parse_request(json.loads(raw.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                raise RequestError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise RequestError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except ConversationError as e:
+                raise RequestError(f"{path}:{number}: {e}") from None
+
+
+def read_requests(path: str) -> list[Request]:
+    """Every request of a (small) JSONL file, in memory."""
+    requests = [line.request for line in read_lines(path)]
     if not requests:
         raise RequestError(f"{path}: no requests (the file is empty)")
     return requests

@@ -1,7 +1,9 @@
 """Fidelity: how closely candidate models' scores follow a reference's on the same data.
 
-Every model scores the same token sequences (the reference's tokenizer encodes the data once;
-a candidate with a different tokenizer is refused). Metrics per candidate, against the reference:
+Every model scores the same token sequences (a candidate whose tokenizer files differ from the
+reference's is refused). The data file is streamed through `score`'s machinery once per model, each
+model's results kept in the report folder (scores-K.jsonl) and resumable; only the scores, one
+float per conversation, are held in memory. Metrics per candidate, against the reference:
   pairwise agreement   share of compared pairs the candidate orders as the reference does; the
                        pairs are those inside each request (a chosen/rejected pair, all pairs of a
                        ranking), or, when the data holds only single conversations, all pairs of them
@@ -51,11 +53,15 @@ class Candidate:
         return f"{name} ({self.quant})" if self.quant else name
 
 
-def compared_pairs(requests: list[Request], seed: int = 0) -> np.ndarray:
+def _shapes(requests) -> list[tuple[str, int]]:
+    """(kind, conversations) of each request: Request objects or such tuples already (`stream.scan`)."""
+    return [(r.kind, len(r.conversations)) if isinstance(r, Request) else r for r in requests]
+
+
+def compared_pairs(requests: list, seed: int = 0) -> np.ndarray:
     """[P, 2] indices into the flattened conversations, ordered (first, second)."""
     pairs, k = [], 0
-    for r in requests:
-        n = len(r.conversations)
+    for _, n in _shapes(requests):
         pairs += [(k + i, k + j) for i, j in combinations(range(n), 2)]
         k += n
     if pairs:
@@ -69,27 +75,28 @@ def compared_pairs(requests: list[Request], seed: int = 0) -> np.ndarray:
     return np.stack([i[keep], j[keep]], axis=1)
 
 
-def label_pairs(requests: list[Request]) -> np.ndarray:
+def label_pairs(requests: list) -> np.ndarray:
     """[L, 2] (chosen, rejected) indices of the pair requests."""
     out, k = [], 0
-    for r in requests:
-        if r.kind == "pair":
+    for kind, n in _shapes(requests):
+        if kind == "pair":
             out.append((k, k + 1))
-        k += len(r.conversations)
+        k += n
     return np.array(out, dtype=np.int64).reshape(-1, 2)
 
 
-def rankings(requests: list[Request]) -> list[np.ndarray]:
+def rankings(requests: list) -> list[np.ndarray]:
     out, k = [], 0
-    for r in requests:
-        if r.kind == "ranking" and len(r.conversations) >= 3:
-            out.append(np.arange(k, k + len(r.conversations)))
-        k += len(r.conversations)
+    for kind, n in _shapes(requests):
+        if kind == "ranking" and n >= 3:
+            out.append(np.arange(k, k + n))
+        k += n
     return out
 
 
-def compare(ref: np.ndarray, cand: np.ndarray, requests: list[Request], margin: float) -> dict:
-    """Every metric of `cand` against `ref` (one score per flattened conversation)."""
+def compare(ref: np.ndarray, cand: np.ndarray, requests: list, margin: float) -> dict:
+    """Every metric of `cand` against `ref` (one score per flattened conversation); requests:
+    Request objects or their (kind, conversations) shapes."""
     from scipy import stats
 
     pairs = compared_pairs(requests)
@@ -184,16 +191,15 @@ def plots(ref: np.ndarray, scores: dict[str, np.ndarray], out: Path) -> None:
 
 def write_report(report: dict, ref: np.ndarray, scores: dict[str, np.ndarray], out: str | Path,
                  overwrite: bool = False) -> Path:
-    """report.json, report.md, scatter.png, errors.png into `out`, built beside it and renamed into
-    place whole (an existing `out` is refused unless overwrite)."""
+    """report.json, report.md, scatter.png, errors.png into `out`'s staging folder (which also holds
+    each model's scores), renamed into place whole (an existing `out` is refused unless overwrite)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out}: folder {out.parent} does not exist")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(out)
+    tmp.mkdir(exist_ok=True)
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (tmp / "report.md").write_text(markdown(report))
     plots(ref, scores, tmp)
@@ -203,11 +209,29 @@ def write_report(report: dict, ref: np.ndarray, scores: dict[str, np.ndarray], o
     return out
 
 
-def run_fidelity(reference: str, candidates: list[Candidate], requests: list[Request], *, data: str = "",
-                 margin: float = 0.5, scorer_args: dict | None = None, progress=None,
+def staging_dir(report: str | Path) -> Path:
+    out = Path(report)
+    return out.with_name(f".{out.name}.partial")
+
+
+def flat_scores(path: Path) -> np.ndarray:
+    """One score per conversation from a `score` results file, in input order."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            out += [r["score"]] if "score" in r else [r["chosen_score"], r["rejected_score"]] \
+                if "chosen_score" in r else r["scores"]
+    return np.array(out, dtype=np.float64)
+
+
+def run_fidelity(reference: str, candidates: list[Candidate], data: str, *, margin: float = 0.5,
+                 scorer_args: dict | None = None, staging: str | Path, resume: bool = False, progress: bool = True,
                  log=print) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
-    """Score `requests` with the reference and every candidate; the report dict and the scores."""
+    """Score the JSONL file `data` with the reference and every candidate, streaming (each model's
+    results go to `staging`/scores-K.jsonl, resumable like `score`); the report dict and the scores."""
     from .scorer import Scorer
+    from .stream import scan, score_file, score_settings
 
     if not candidates:
         raise ValueError("candidates: expected at least one")
@@ -218,37 +242,38 @@ def run_fidelity(reference: str, candidates: list[Candidate], requests: list[Req
         if (cfg.hidden_size, cfg.vocab_size) != (ref_ckpt.config.hidden_size, ref_ckpt.config.vocab_size):
             log(f"note: {c.path} has another architecture than the reference (hidden {cfg.hidden_size}, "
                 f"vocab {cfg.vocab_size}): comparing scores of different models")
-        check_same_tokenizer(Path(reference), Path(c.path))
-    conversations = [c for r in requests for c in r.conversations]
+        check_same_tokenizer(Path(reference), Path(c.path))  # every model reads the same tokens
+    shapes = scan(data)
     names = [c.label for c in candidates]
     if len(set(names)) < len(names):  # two folders with the same name: tell them apart by path
         names = [f"{c.path} ({c.quant})" if c.quant else c.path for c in candidates]
-
-    def score(scorer, label: str, encoded: list[list[int]]) -> np.ndarray:
-        log(f"{label}: {scorer.backend}")
-        bar = progress(len(encoded), label) if progress else None
-        try:
-            return np.array(scorer.score_ids(encoded, progress=bar), dtype=np.float64)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    ref_scorer = Scorer.from_pretrained(reference, **scorer_args)
-    encoded = ref_scorer.encode(conversations)  # once: every model reads the same tokens
-    ref = score(ref_scorer, "reference", encoded)
-    del ref_scorer
-    scores = {}
-    for c, name in zip(candidates, names):
-        scores[name] = score(Scorer.from_pretrained(c.path, quant=c.quant, **scorer_args), name, encoded)
-    labels = label_pairs(requests)
-    pairs = compared_pairs(requests)
+    staging = Path(staging)
+    if staging.exists() and not resume:
+        raise FileExistsError(f"{staging}: an interrupted fidelity run is there (pass --resume to continue it, or "
+                              "delete it)")
+    staging.mkdir(exist_ok=True)
+    models = [(Candidate(reference), "reference")] + list(zip(candidates, names))
+    results = []
+    for k, (c, label) in enumerate(models):
+        out = staging / f"scores-{k}.jsonl"
+        if not out.exists():
+            scorer = Scorer.from_pretrained(c.path, quant=c.quant, **scorer_args)
+            log(f"{label}: {scorer.backend}")
+            score_file(scorer, data, str(out), score_settings(scorer, c.path), resume=resume, log=log,
+                       progress=progress)
+            del scorer
+        results.append(flat_scores(out))
+    ref, scores = results[0], dict(zip(names, results[1:]))
+    labels = label_pairs(shapes)
+    pairs = compared_pairs(shapes)
     d_ref = ref[pairs[:, 0]] - ref[pairs[:, 1]]
     report = {
-        "reference": str(reference), "data": str(data), "margin": margin, "requests": len(requests),
-        "conversations": len(conversations), "pairs": int((d_ref != 0).sum()),
+        "reference": str(reference), "data": str(data), "margin": margin, "requests": len(shapes),
+        "conversations": len(ref), "pairs": int((d_ref != 0).sum()),
         "pairs_above_margin": int((np.abs(d_ref) > margin).sum()), "label_pairs": len(labels),
         "reference_label_accuracy": float((ref[labels[:, 0]] > ref[labels[:, 1]]).mean()) if len(labels) else None,
+        "scores": {"reference": "scores-0.jsonl"} | {name: f"scores-{k + 1}.jsonl" for k, name in enumerate(names)},
         "candidates": [{"label": name, "path": c.path, "quant": c.quant,
-                        "metrics": compare(ref, scores[name], requests, margin)} for c, name in zip(candidates, names)],
+                        "metrics": compare(ref, scores[name], shapes, margin)} for c, name in zip(candidates, names)],
     }
     return report, ref, scores

@@ -1,0 +1,198 @@
+"""`score` on files of any size: streaming, resumable after kill -9, memory flat in the input
+size, NaN/inf scores stopped; `fidelity` on the same machinery."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import SMALL, add_tokenizer, random_state
+
+from worldpm_lite import stream
+from worldpm_lite.checkpoint import WorldPMConfig, write_checkpoint
+from worldpm_lite.cli import main
+
+MICRO = WorldPMConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=128, vocab_size=152064, max_position_embeddings=96, rope_theta=10000.0)
+
+
+def request(i: int) -> dict:
+    """Every format, lengths varying with i."""
+    q, a = f"Question {i}: " + "why " * (i % 7), f"Answer {i}. " + "because " * (i % 11)
+    if i % 3 == 0:
+        return {"id": i, "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    if i % 3 == 1:
+        return {"id": i, "prompt": q, "chosen": a, "rejected": a[::-1]}
+    return {"id": i, "prompt": [{"role": "user", "content": q}], "responses": [a, "no", a[:9]]}
+
+
+def write_requests(path, n: int):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps(request(i)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_requests(tmp_path_factory.mktemp("stream") / "in.jsonl", 240)
+
+
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory, small_dir, data):
+    """The uninterrupted run's bytes (a small budget: many batches, prompts kept across them)."""
+    out = tmp_path_factory.mktemp("ref") / "out.jsonl"
+    assert main(["score", "--model", str(small_dir), "--input", str(data), "--output", str(out),
+                 "--token-budget", "64"]) == 0
+    return out.read_bytes()
+
+
+def score_args(small_dir, data, out, *extra):
+    return ["score", "--model", str(small_dir), "--input", str(data), "--output", str(out), "--token-budget", "64",
+            *extra]
+
+
+def test_output_matches_the_padded_reference_and_reports_progress(tmp_path, small_dir, data, expected, capsys):
+    out = tmp_path / "padded.jsonl"
+    assert main(score_args(small_dir, data, out, "--no-packing", "--no-shared-prompts")) == 0
+    assert "line/s" in capsys.readouterr().err
+    rows, ref = [json.loads(x) for x in out.read_text().splitlines()], [json.loads(x) for x in expected.splitlines()]
+    assert [r.get("id") for r in rows] == [r.get("id") for r in ref] == list(range(240))
+    for a, b in zip(rows, ref):
+        for key in ("score", "chosen_score", "rejected_score"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5)
+        if "scores" in a:
+            assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+
+
+@pytest.mark.parametrize("crash_after", [0, 5, 17])
+def test_resume_after_a_crash_is_byte_identical(tmp_path, small_dir, data, expected, monkeypatch, crash_after):
+    """A crash after some batches, then garbage after the recorded length (bytes written after
+    the last record): --resume ends with the uninterrupted run's bytes."""
+    from worldpm_lite.scorer import Scorer
+
+    monkeypatch.setattr(stream, "RECORD_EVERY", 0.0)
+    run = Scorer.run
+
+    def crashing(self, groups):
+        for k, step in enumerate(run(self, groups)):
+            if k == crash_after:
+                raise KeyboardInterrupt
+            yield step
+
+    monkeypatch.setattr(Scorer, "run", crashing)
+    out = tmp_path / "out.jsonl"
+    assert main(score_args(small_dir, data, out)) == 130
+    partial, record = stream.partial_paths(out)
+    assert not out.exists()
+    if crash_after == 0:  # nothing finished: nothing kept
+        assert not partial.exists() and not record.exists()
+    else:
+        assert partial.exists() and record.exists()
+        with open(partial, "ab") as f:
+            f.write(b'{"id": 999, "score": 1.0}\n{"id": 10')
+        assert main(score_args(small_dir, data, out)) == 2  # an interrupted run is there: not silently replaced
+    monkeypatch.setattr(Scorer, "run", run)
+    assert main(score_args(small_dir, data, out, "--resume")) == 0
+    assert out.read_bytes() == expected and not partial.exists() and not record.exists()
+
+
+def test_resume_after_kill_9_is_byte_identical(tmp_path, small_dir, data, expected):
+    """A real SIGKILL at three moments of a separate process, each followed by --resume."""
+    out = tmp_path / "out.jsonl"
+    partial, _ = stream.partial_paths(out)
+    for delay in (0.0, 0.3, 1.5):  # after the first bytes reach the partial file
+        proc = subprocess.Popen([sys.executable, "-m", "worldpm_lite", *score_args(small_dir, data, out, "--resume")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (partial.exists() and partial.stat().st_size) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert main(score_args(small_dir, data, out, "--resume")) == 0
+    assert out.read_bytes() == expected
+
+
+def test_resume_refuses_other_settings_or_changed_input(tmp_path, small_dir, data, monkeypatch, capsys):
+    from worldpm_lite.scorer import Scorer
+
+    monkeypatch.setattr(stream, "RECORD_EVERY", 0.0)
+    run = Scorer.run
+
+    def crashing(self, groups):
+        yield next(run(self, groups))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Scorer, "run", crashing)
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(data.read_bytes())
+    out = tmp_path / "out.jsonl"
+    assert main(score_args(small_dir, inp, out)) == 130
+    monkeypatch.setattr(Scorer, "run", run)
+    capsys.readouterr()
+    assert main([*score_args(small_dir, inp, out), "--resume", "--token-budget", "65"]) == 2
+    assert "other settings (token_budget" in capsys.readouterr().err
+    inp.write_bytes(data.read_bytes().replace(b"Question 0", b"Question X"))
+    assert main(score_args(small_dir, inp, out, "--resume")) == 2
+    assert "lines changed since the interrupted run" in capsys.readouterr().err
+    fresh = tmp_path / "fresh.jsonl"
+    assert main(score_args(small_dir, inp, fresh, "--resume")) == 0  # nothing to resume: starts at line 1
+    assert "starting from the first line" in capsys.readouterr().err and len(fresh.read_text().splitlines()) == 240
+
+
+def test_bad_line_late_in_the_file_stops_before_scoring(tmp_path, small_dir, capsys):
+    inp = write_requests(tmp_path / "in.jsonl", 50)
+    with open(inp, "a") as f:
+        f.write(json.dumps({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "?"}]}))
+    out = tmp_path / "out.jsonl"
+    assert main(score_args(small_dir, inp, out)) == 2
+    err = capsys.readouterr().err
+    assert "in.jsonl:51: messages: the last message must be the assistant's reply" in err
+    assert not out.exists() and not stream.partial_paths(out)[0].exists()
+
+
+def test_non_finite_score_stops_the_run_with_its_line(tmp_path, small_state, capsys):
+    """One inf in a decoder weight: the first line that scores NaN/inf stops the run, naming the
+    line and the checkpoint; no output file appears."""
+    state = {k: v.clone() for k, v in small_state.items()}
+    state["model.layers.1.mlp.down_proj.weight"][3, 5] = float("inf")
+    model = add_tokenizer(write_checkpoint(tmp_path / "broken", SMALL, state))
+    inp = write_requests(tmp_path / "in.jsonl", 5)
+    out = tmp_path / "out.jsonl"
+    assert main(["score", "--model", str(model), "--input", str(inp), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "in.jsonl:1: conversation 0 scored nan" in err and "checkpoint is the likely cause" in err
+    assert not out.exists()
+
+
+def peak_rss_mib(args: list[str]) -> float:
+    code = ("import resource, sys; from worldpm_lite.cli import main; rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.split()[-1])
+
+
+def test_memory_does_not_grow_with_the_input(tmp_path):
+    """200,000 lines peak no higher than 2,000 lines plus a small constant (holding the requests,
+    or the results, would take hundreds of MiB more)."""
+    model = add_tokenizer(write_checkpoint(tmp_path / "micro", MICRO, random_state(MICRO)))
+    rss = {}
+    for n in (2_000, 200_000):
+        inp = tmp_path / f"in{n}.jsonl"
+        with open(inp, "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"id": i, "messages": [{"role": "user", "content": f"q{i % 97}"},
+                                                          {"role": "assistant", "content": f"a{i}"}]}) + "\n")
+        out = tmp_path / f"out{n}.jsonl"
+        rss[n] = peak_rss_mib(["score", "--model", str(model), "--input", str(inp), "--output", str(out),
+                               "--device", "cpu"])
+        assert sum(1 for _ in open(out)) == n
+    assert rss[200_000] <= rss[2_000] + 48, rss
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0

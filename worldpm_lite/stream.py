@@ -1,0 +1,195 @@
+"""Score a JSONL file of any size: read lazily, results written in input order as they come,
+resumable after a crash at any point.
+
+Results go to `.OUT.partial` beside the output; `.OUT.progress.json` (replaced atomically) says how
+many input lines and output bytes are final, with a hash of the input read so far and the settings
+that decide the numbers. `resume=True` checks both, cuts the partial file back to the recorded
+length and goes on from the next line. Records are taken only after a batch, where a fresh run
+starting at that line forms the same batches (see packing.py), so a resumed run ends
+byte-identical to an uninterrupted one. Only the finished file is renamed to OUT.
+
+Memory: the lines of the batches in flight, whatever the input's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+from .data import Line, RequestError, read_lines
+
+RECORD_EVERY = 2.0  # seconds between progress records (each one fsyncs the partial file)
+
+
+def scan(path: str, offset: int = 0) -> list[tuple[str, int]]:
+    """Check every line before any scoring (a bad line at line 900,000 should not wait days to be
+    found); returns (kind, conversations) per request. Memory: two small ints per request."""
+    shapes = [(line.request.kind, len(line.request.conversations)) for line in read_lines(path, offset)]
+    if not shapes and offset == 0:
+        raise RequestError(f"{path}: no requests (the file is empty)")
+    return shapes
+
+
+def _hash_prefix(path: str, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while size > 0:
+            chunk = f.read(min(size, 1 << 22))
+            if not chunk:
+                break
+            digest.update(chunk)
+            size -= len(chunk)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def partial_paths(output: str | Path) -> tuple[Path, Path]:
+    out = Path(output)
+    return out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.progress.json")
+
+
+def score_settings(scorer, model: str | Path) -> dict:
+    """What decides the bytes of the results: a resumed run must match every entry."""
+    from .quantize.run import _sha256
+
+    return {"model": str(Path(model).resolve()), "config_sha256": _sha256(Path(model) / "config.json"),
+            "backend": scorer.backend, "token_budget": scorer.token_budget, "truncation": scorer.truncation,
+            "max_length": scorer.max_length, "packing": scorer.packing, "share_prompts": scorer.share_prompts}
+
+
+def score_file(scorer, path: str, output: str | None, settings: dict, resume: bool = False,
+               log: Callable[[str], None] = print, progress: bool = True) -> int:
+    """Score every line of `path` into `output` (None: standard output, not resumable); returns the
+    number of results written."""
+    shapes = scan(path)
+    total = len(shapes)
+    del shapes
+    start = {"line": 0, "offset": 0, "bytes": 0, "requests": 0, "input_sha256": hashlib.sha256().hexdigest()}
+    if output is None:
+        sink, partial, record = sys.stdout, None, None
+    else:
+        partial, record = partial_paths(output)
+        if not partial.parent.is_dir():
+            raise RequestError(f"--output {output}: folder {partial.parent} does not exist")
+        if partial.exists() and not resume:
+            raise FileExistsError(f"{output}: an interrupted run's results are in {partial} (pass --resume to "
+                                  "continue it, or delete it)")
+        if resume and partial.exists() and record.exists():
+            start = _check_resume(record, path, settings)
+            log(f"resuming {output} after line {start['line']} ({start['requests']} of {total} results written)")
+        elif resume:
+            log(f"--resume: no interrupted run of {output} found; starting from the first line")
+        sink = open(partial, "r+b" if start["bytes"] else "wb")
+        sink.truncate(start["bytes"])
+        sink.seek(start["bytes"])
+
+    digest = hashlib.sha256()
+    if start["offset"]:
+        with open(path, "rb") as f:
+            digest.update(f.read(start["offset"]))
+    lines: deque[tuple[int, Line, object]] = deque()  # in flight: group number, line, digest after it
+
+    def groups():
+        for n, line in enumerate(read_lines(path, start["offset"], start["line"], digest)):
+            lines.append((n, line, digest.copy()))
+            r = line.request
+            try:
+                yield scorer.group(r.conversations, r.prompt)
+            except ValueError as e:
+                raise RequestError(f"{path}:{line.number}: {e}") from None
+
+    bar = _bar(total, start["requests"]) if progress else None
+    t0 = last_record = time.time()
+    tokens, state = 0, dict(start)
+    try:
+        for step in _steps(scorer, groups(), lines, path):
+            now = dict(state)
+            for _, scores in step.results:
+                _, line, after = lines.popleft()
+                text = json.dumps(line.request.result(scores), ensure_ascii=False) + "\n"
+                data = text.encode("utf-8")
+                sink.write(data if partial else text)
+                now.update(line=line.number, offset=line.end, requests=now["requests"] + 1,
+                           input_sha256=after.hexdigest(), bytes=now["bytes"] + len(data))
+            state = now  # only whole batches count as done: see the module docstring
+            tokens += step.tokens
+            if bar is not None:
+                bar.update(len(step.results))
+                bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s", refresh=False)
+            if record is not None and time.time() - last_record >= RECORD_EVERY:
+                _record(sink, record, state, settings)
+                last_record = time.time()
+        if partial is None:
+            return state["requests"]
+        sink.flush()
+        os.fsync(sink.fileno())
+        sink.close()
+        os.replace(partial, output)
+        record.unlink(missing_ok=True)
+        return state["requests"]
+    finally:
+        if bar is not None:
+            bar.close()
+        if partial is not None and not sink.closed:
+            if state["requests"]:
+                _record(sink, record, state, settings)  # what is complete stays usable for --resume
+                sink.close()
+            else:  # nothing to keep
+                sink.close()
+                partial.unlink()
+                record.unlink(missing_ok=True)
+
+
+def _steps(scorer, groups, lines, path):
+    """scorer.run, with a NaN/inf score reported by its input line."""
+    from .scorer import NonFiniteScore
+
+    try:
+        yield from scorer.run(groups)
+    except NonFiniteScore as e:
+        number = next(line.number for n, line, _ in lines if n == e.group)
+        raise RequestError(f"{path}:{number}: conversation {e.part} scored {e.value}; a NaN/inf score means the "
+                           "checkpoint is the likely cause (non-finite or overflowing weights). Nothing is written "
+                           "for this line; the results before it are kept for --resume") from None
+
+
+def _record(sink, record: Path, state: dict, settings: dict) -> None:
+    sink.flush()
+    os.fsync(sink.fileno())
+    _write_json_atomic(record, {**state, "settings": settings})
+
+
+def _check_resume(record: Path, path: str, settings: dict) -> dict:
+    saved = json.loads(record.read_text())
+    changed = sorted(k for k in set(settings) | set(saved.get("settings", {}))
+                     if settings.get(k) != saved.get("settings", {}).get(k))
+    if changed:
+        raise ValueError(f"{record}: the interrupted run used other settings ({', '.join(changed)}: "
+                         f"{[saved.get('settings', {}).get(k) for k in changed]}); rerun with those, or delete it "
+                         "and its .partial file to start over")
+    if Path(path).stat().st_size < saved["offset"] or _hash_prefix(path, saved["offset"]) != saved["input_sha256"]:
+        raise ValueError(f"{path}: its first {saved['line']} lines changed since the interrupted run; delete "
+                         f"{record} and its .partial file to start over")
+    return {k: saved[k] for k in ("line", "offset", "bytes", "requests", "input_sha256")}
+
+
+def _bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc="scoring", unit="line", file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if tty else 30, smoothing=0.05)
