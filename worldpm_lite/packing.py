@@ -101,6 +101,9 @@ def pack(groups: Iterable[Group], budget: int) -> Iterator[Batch]:
         yield batch
 
 
+ALONE = 64  # segments at least this long get their own attention call; shorter ones share one per length class
+
+
 class PackedRun:
     """One packed batch on its way through the model: embed, then layers stage by stage, then the
     head. `cache` maps a kept prompt's key to its per-layer (keys, values)."""
@@ -131,8 +134,8 @@ class PackedRun:
                 cos, sin = next(iter(self.rope.values()))
                 self.rope[dev] = (cos.to(dev), sin.to(dev))
             if dev not in self.buckets:
-                self.buckets[dev] = [tuple(t.to(dev, non_blocking=True) for t in b)
-                                     for b in self.buckets[torch.device("cpu")]]
+                self.buckets[dev] = [tuple(t.to(dev, non_blocking=True) if isinstance(t, torch.Tensor) else t
+                                           for t in b) for b in self.buckets[torch.device("cpu")]]
             self.x = packed_layer(layer, self.x.to(dev), self.rope[dev], self.batch.segments, self.buckets[dev],
                                   self.cache, i)
         self.next_layer = stop
@@ -146,24 +149,25 @@ class PackedRun:
         return self.model.head(self.x, torch.tensor(self.batch.scored, dtype=torch.long))
 
 
-def length_buckets(segments: list[Segment]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The segments without a prompt, grouped by length (up to 2x apart) so each group's attention
+def length_buckets(segments: list[Segment]) -> list[tuple]:
+    """The segments without a prompt, short ones grouped by length (up to 2x apart) so each group's attention
     is one SDPA call over [S, H, T, d]: (gather [S, T] stream rows, each row's last real token
     repeated as filler; source [R] positions in the flattened [S * T] output; destination [R]
-    stream rows). Causal attention keeps the filler, which comes after every real token, out of
-    every real token's result."""
-    groups: dict[int, list[Segment]] = {}
+    stream rows; and (start, end) when the group is one segment, which is then read and written
+    in place). Causal attention keeps the filler, which comes after every real token, out of every
+    real token's result."""
+    groups: dict[object, list[Segment]] = {}
     for s in segments:
-        if s.prompt is None:
-            groups.setdefault((s.length - 1).bit_length(), []).append(s)
+        if s.prompt is None:  # a long segment alone: its call costs more than its launch
+            groups.setdefault(s.start if s.length >= ALONE else (s.length - 1).bit_length(), []).append(s)
     out = []
-    for _, segs in sorted(groups.items()):
+    for segs in groups.values():
         width = max(s.length for s in segs)
         steps = torch.arange(width)
         gather = torch.stack([s.start + steps.clamp(max=s.length - 1) for s in segs])  # [S, T]
         source = torch.cat([j * width + torch.arange(s.length) for j, s in enumerate(segs)])
         dest = torch.cat([torch.arange(s.start, s.start + s.length) for s in segs])
-        out.append((gather, source, dest))
+        out.append((gather, source, dest, (segs[0].start, segs[0].start + segs[0].length) if len(segs) == 1 else None))
     return out
 
 
@@ -181,7 +185,12 @@ def packed_layer(layer, x: torch.Tensor, rope: tuple, segments: list[Segment], b
     v = attn.v_proj(h).view(n, -1, d).transpose(0, 1)
     q, k = _rotate(q, *rope), _rotate(k, *rope)
     out = torch.empty_like(q)
-    for gather, source, dest in buckets:  # whole conversations and prompts, by length
+    for gather, source, dest, span in buckets:  # whole conversations and prompts, by length
+        if span is not None:
+            a, b = span
+            out[:, a:b] = F.scaled_dot_product_attention(  # 4-D inputs: CPU SDPA takes its flash kernel
+                *(m[None, :, a:b] for m in (q, k, v)), is_causal=True, scale=attn.scaling, enable_gqa=True)[0]
+            continue
         s_, t_ = gather.shape
         o = F.scaled_dot_product_attention(*(m[:, gather].transpose(0, 1) for m in (q, k, v)), is_causal=True,
                                            scale=attn.scaling, enable_gqa=True)  # [S, Hq, T, d]
@@ -199,8 +208,9 @@ def packed_layer(layer, x: torch.Tensor, rope: tuple, segments: list[Segment], b
         pk, pv = local[s.prompt] if s.prompt in local else cache[s.prompt][index]
         p = pk.shape[1]
         mask = torch.ones(s.length, p + s.length, dtype=torch.bool, device=x.device).tril(p)  # [t, p + t]
-        out[:, a:b] = F.scaled_dot_product_attention(q[:, a:b], torch.cat([pk, ks], 1), torch.cat([pv, vs], 1),
-                                                     attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+        out[:, a:b] = F.scaled_dot_product_attention(q[None, :, a:b], torch.cat([pk, ks], 1)[None],
+                                                     torch.cat([pv, vs], 1)[None], attn_mask=mask,
+                                                     scale=attn.scaling, enable_gqa=True)[0]
     x = x + attn.o_proj(out.transpose(0, 1).reshape(n, -1))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
