@@ -14,6 +14,7 @@ from helpers import SMALL, add_tokenizer, random_state
 from worldpm_lite import stream
 from worldpm_lite.checkpoint import WorldPMConfig, write_checkpoint
 from worldpm_lite.cli import main
+from worldpm_lite.fidelity import flat_scores
 
 MICRO = WorldPMConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                       intermediate_size=128, vocab_size=152064, max_position_embeddings=96, rope_theta=10000.0)
@@ -210,3 +211,30 @@ def test_memory_does_not_grow_with_the_input(tmp_path, ci_notes):
         assert sum(1 for _ in open(out)) == n
     ci_notes.append(f"score peak RSS: 2,000 lines {rss[2_000]:.0f} MiB, 200,000 lines {rss[200_000]:.0f} MiB")
     assert rss[200_000] <= rss[2_000] + 48, rss
+
+
+def test_fidelity_resumes_without_rescoring_finished_models(tmp_path, small_dir, data, monkeypatch, capsys):
+    """fidelity streams each model through score_file into the report's staging folder: after a
+    crash in the candidate, --resume keeps the reference's scores and finishes the report."""
+    calls = []
+    real = stream.score_file
+
+    def failing_second(scorer, path, output, *args, **kwargs):
+        calls.append(output)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(scorer, path, output, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "score_file", failing_second)
+    report = tmp_path / "report"
+    args = ["fidelity", "--reference", str(small_dir), "--candidate", f"bnb-int8:{small_dir}", "--data", str(data),
+            "--report", str(report), "--token-budget", "512"]
+    assert main(args) == 130 and not report.exists()
+    assert main(args) == 2 and "pass --resume" in capsys.readouterr().err
+    monkeypatch.setattr(stream, "score_file", real)
+    done = tmp_path / ".report.partial" / "scores-0.jsonl"
+    before = done.stat().st_mtime_ns
+    assert main(args + ["--resume"]) == 0
+    assert (report / "scores-0.jsonl").stat().st_mtime_ns == before  # the reference was not scored again
+    r = json.loads((report / "report.json").read_text())
+    assert r["requests"] == 240 and r["conversations"] == len(flat_scores(report / "scores-1.jsonl"))

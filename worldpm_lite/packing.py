@@ -120,6 +120,7 @@ class PackedRun:
         pos = pos.to(dev, non_blocking=True)
         self.rope = {self.x.device: tuple(t[pos] for t in model.rope(self.x.device, self.x.dtype))}  # [L, head_dim]
         self.buckets = {torch.device("cpu"): length_buckets(batch.segments)}
+        self.masks: dict = {}  # per device: (response length, prompt length) -> additive mask, built once
         for s in batch.segments:
             if s.keep:
                 cache[s.key] = {}
@@ -137,7 +138,7 @@ class PackedRun:
                 self.buckets[dev] = [tuple(t.to(dev, non_blocking=True) if isinstance(t, torch.Tensor) else t
                                            for t in b) for b in self.buckets[torch.device("cpu")]]
             self.x = packed_layer(layer, self.x.to(dev), self.rope[dev], self.batch.segments, self.buckets[dev],
-                                  self.cache, i)
+                                  self.cache, i, self.masks.setdefault(dev, {}))
         self.next_layer = stop
 
     def scores(self) -> torch.Tensor:
@@ -172,7 +173,7 @@ def length_buckets(segments: list[Segment]) -> list[tuple]:
 
 
 def packed_layer(layer, x: torch.Tensor, rope: tuple, segments: list[Segment], buckets: list, cache: dict,
-                 index: int) -> torch.Tensor:
+                 index: int, masks: dict | None = None) -> torch.Tensor:
     """One Qwen2 decoder layer over a packed stream x [L, h], attention confined to each segment
     (plus its prompt). The same modules and arithmetic as transformers' layer with SDPA attention."""
     attn = layer.self_attn
@@ -207,7 +208,12 @@ def packed_layer(layer, x: torch.Tensor, rope: tuple, segments: list[Segment], b
             continue
         pk, pv = local[s.prompt] if s.prompt in local else cache[s.prompt][index]
         p = pk.shape[1]
-        mask = torch.ones(s.length, p + s.length, dtype=torch.bool, device=x.device).tril(p)  # [t, p + t]
+        masks = {} if masks is None else masks
+        if (s.length, p) not in masks:  # [t, p + t]: the whole prompt, then causal
+            keep = torch.ones(s.length, p + s.length, dtype=torch.bool, device=x.device).tril(p)
+            masks[(s.length, p)] = torch.zeros(keep.shape, dtype=q.dtype, device=x.device).masked_fill(
+                ~keep, -torch.inf)
+        mask = masks[(s.length, p)]
         out[:, a:b] = F.scaled_dot_product_attention(q[None, :, a:b], torch.cat([pk, ks], 1)[None],
                                                      torch.cat([pv, vs], 1)[None], attn_mask=mask,
                                                      scale=attn.scaling, enable_gqa=True)[0]
