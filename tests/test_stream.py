@@ -115,6 +115,8 @@ def test_resume_after_a_crash_is_byte_identical(tmp_path, small_dir, scorer, dat
             score()
     assert score(resume=True) == 240
     assert out.read_bytes() == expected and not partial.exists() and not record.exists()
+    mtime = out.stat().st_mtime_ns
+    assert score(resume=True) == 240 and out.stat().st_mtime_ns == mtime  # complete: nothing rescored
 
 
 def test_resume_after_kill_9_is_byte_identical(tmp_path, small_dir, data, expected):

@@ -36,8 +36,9 @@ def scan(path: str, offset: int = 0) -> list[tuple[str, int]]:
     return shapes
 
 
-def _hash_prefix(path: str, size: int) -> str:
-    digest = hashlib.sha256()
+def _hash_prefix(path: str, size: int, digest=None):
+    """sha256 of the first `size` bytes of `path`, read in 4 MiB chunks (a hashlib object)."""
+    digest = digest or hashlib.sha256()
     with open(path, "rb") as f:
         while size > 0:
             chunk = f.read(min(size, 1 << 22))
@@ -45,7 +46,7 @@ def _hash_prefix(path: str, size: int) -> str:
                 break
             digest.update(chunk)
             size -= len(chunk)
-    return digest.hexdigest()
+    return digest
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -88,6 +89,10 @@ def score_file(scorer, path: str, output: str | None, settings: dict, resume: bo
         if partial.exists() and not resume:
             raise FileExistsError(f"{output}: an interrupted run's results are in {partial} (pass --resume to "
                                   "continue it, or delete it)")
+        if resume and not partial.exists() and Path(output).exists():
+            log(f"--resume: {output} is complete and no interrupted run is there; nothing to do (delete it to "
+                "score again)")
+            return total
         if resume and partial.exists() and record.exists():
             start = _check_resume(record, path, settings)
             log(f"resuming {output} after line {start['line']} ({start['requests']} of {total} results written)")
@@ -97,10 +102,7 @@ def score_file(scorer, path: str, output: str | None, settings: dict, resume: bo
         sink.truncate(start["bytes"])
         sink.seek(start["bytes"])
 
-    digest = hashlib.sha256()
-    if start["offset"]:
-        with open(path, "rb") as f:
-            digest.update(f.read(start["offset"]))
+    digest = _hash_prefix(path, start["offset"])
     lines: deque[tuple[int, Line, object]] = deque()  # in flight: group number, line, digest after it
 
     def groups():
@@ -181,9 +183,13 @@ def _check_resume(record: Path, path: str, settings: dict) -> dict:
         raise ValueError(f"{record}: the interrupted run used other settings ({', '.join(changed)}: "
                          f"{[saved.get('settings', {}).get(k) for k in changed]}); rerun with those, or delete it "
                          "and its .partial file to start over")
-    if Path(path).stat().st_size < saved["offset"] or _hash_prefix(path, saved["offset"]) != saved["input_sha256"]:
+    if Path(path).stat().st_size < saved["offset"] or \
+            _hash_prefix(path, saved["offset"]).hexdigest() != saved["input_sha256"]:
         raise ValueError(f"{path}: its first {saved['line']} lines changed since the interrupted run; delete "
                          f"{record} and its .partial file to start over")
+    if record.with_name(record.name.replace(".progress.json", ".partial")).stat().st_size < saved["bytes"]:
+        raise ValueError(f"{record}: says {saved['bytes']} bytes of results were written, but the .partial file "
+                         "is shorter; delete both to start over")
     return {k: saved[k] for k in ("line", "offset", "bytes", "requests", "input_sha256")}
 
 
