@@ -199,13 +199,13 @@ def _add_compute(p):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--token-budget", type=int, default=None,
-                   help="padded tokens per forward pass; conversations are length-sorted into batches (default: "
-                   "8192 on GPUs, 2048 on the CPU)")
+                   help="tokens per forward pass (with --no-packing: batch size x longest sequence, "
+                   "length-sorted) (default: 8192 on GPUs, 2048 on the CPU)")
     p.add_argument("--truncate", action="store_true",
                    help="drop the oldest tokens of a conversation longer than the model's positions "
                         "(default: refuse it with an error)")
     p.add_argument("--no-packing", action="store_true", help="right-padded, length-sorted batches instead of "
-                   "packed token streams (slower; the reference path, for comparisons)")
+                   "packed token streams (the reference path; also turns off shared prompts)")
     p.add_argument("--no-shared-prompts", action="store_true", help="run a pair's or a ranking's prompt once per "
                    "response instead of once (for comparisons)")
     p.add_argument("--no-pipeline", action="store_true", help="with layers on several GPUs, run one batch at a "
