@@ -11,7 +11,6 @@ renamed to the output: a crash never leaves a directory that looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from worldpm_lite.chat import load_tokenizer
-from worldpm_lite.checkpoint import INDEX_FILE, LINEARS, PACKED, Checkpoint, CheckpointError, GPTQSpec
+from worldpm_lite.checkpoint import (
+    INDEX_FILE,
+    LINEARS,
+    PACKED,
+    Checkpoint,
+    CheckpointError,
+    GPTQSpec,
+    file_sha256,
+    write_json_atomic,
+)
 from worldpm_lite.devices import check_device
 
 from .calibration import builtin_calibration, file_calibration, fingerprint
@@ -76,16 +84,6 @@ class Progress:
     fingerprint: str
     layers_done: int = 0
     layers: list[dict] = field(default_factory=list)  # per-layer log entries
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -157,7 +155,7 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
         if not name.startswith("model.layers.") and name != "model.embed_tokens.weight":
             check_finite(src, name, src.tensor(name))
     src.release()
-    run_id = fingerprint([[_sha256(src_dir / "config.json")], [json.dumps(asdict(settings), sort_keys=True)],
+    run_id = fingerprint([[file_sha256(src_dir / "config.json")], [json.dumps(asdict(settings), sort_keys=True)],
                           [fingerprint(calibration)], sorted(set(src.weight_map.values()))])
     progress = Progress(run_id)
     if staging.exists():
@@ -169,7 +167,7 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
         log(f"resuming after layer {progress.layers_done} of {src.config.num_hidden_layers}")
     else:
         staging.mkdir(parents=True)
-        _write_json(staging / PROGRESS, asdict(progress))
+        write_json_atomic(staging / PROGRESS, asdict(progress))
 
     n_layers = src.config.num_hidden_layers
     total = n_layers + 1  # one shard per layer, the last one for embeddings, final norm and head
@@ -195,7 +193,7 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
                                     "linears": [{"name": r.name, "error": r.gptq_error, "rtn_error": r.rtn_error}
                                                 for r in reports]})
             progress.layers_done = i + 1
-            _write_json(staging / PROGRESS, asdict(progress))
+            write_json_atomic(staging / PROGRESS, asdict(progress))
         hidden = run_layer(layer, hidden, rope)
         del layer
         return_freed_memory()
@@ -213,10 +211,10 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
                 weight_map[name] = shard.name
                 size += math.prod(sl.get_shape()) * DTYPE_BYTES[sl.get_dtype()]
     index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(staging / INDEX_FILE, index)
+    write_json_atomic(staging / INDEX_FILE, index)
     config = {k: v for k, v in src.raw_config.items() if k != "auto_map"}
     config["quantization_config"] = settings.spec().to_dict()
-    _write_json(staging / "config.json", config)
+    write_json_atomic(staging / "config.json", config)
     for name in TOKENIZER_FILES:
         if (src_dir / name).is_file():
             shutil.copy2(src_dir / name, staging / name)
@@ -225,7 +223,7 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
                "calibration_tokens": sum(map(len, calibration)), "seconds": round(time.time() - start, 2),
                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                "source_weight_bytes": src_bytes, "output_weight_bytes": size, "layers": progress.layers}
-    _write_json(staging / LOG, summary)
+    write_json_atomic(staging / LOG, summary)
     (staging / PROGRESS).unlink()
     if out.exists():
         shutil.rmtree(out)

@@ -7,8 +7,10 @@ Tensors are opened lazily through safetensors' mmap, one at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,6 +200,21 @@ class GPTQSpec:
                 "scales": ((groups, out_features), "F16"), "g_idx": ((in_features,), "I32")}
 
 
+def write_json_atomic(path: Path, data) -> None:
+    """JSON into `path` through a temporary sibling, flushed to disk and renamed: a crash leaves the
+    old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -342,7 +359,6 @@ def write_checkpoint(out_dir: str | Path, config: WorldPMConfig, tensors: dict[s
     Everything goes to a temporary sibling first and is renamed into place at the end, so a crash
     never leaves a directory that looks complete.
     """
-    import os
     import shutil
     import tempfile
 
