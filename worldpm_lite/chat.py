@@ -167,6 +167,16 @@ def check_conversation(conversation, where: str = "conversation") -> list[dict]:
     return msgs
 
 
+def check_scored_conversation(conversation, where: str = "conversation") -> list[dict]:
+    """check_conversation, and the last message must be the assistant's reply: the reward is read
+    after it, so a conversation ending elsewhere would be scored as something it is not."""
+    msgs = check_conversation(conversation, where)
+    if msgs[-1]["role"] != "assistant":
+        raise ConversationError(f"{where}: the last message must be the assistant's reply (the reward is read after "
+                                f"it), found role {msgs[-1]['role']!r}")
+    return msgs
+
+
 def encode_conversation(tokenizer, conversation) -> list[int]:
     """Token ids of one conversation; the reward is read at the last id (always <|endoftext|>)."""
     msgs = check_conversation(conversation)

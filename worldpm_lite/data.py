@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .chat import ConversationError, check_conversation
+from .chat import ConversationError, check_conversation, check_scored_conversation
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -107,11 +107,7 @@ def parse_request(obj, where: str = "request") -> Request:
         raise ConversationError(f"{where}: expected a JSON object, found {type(obj).__name__}")
     rid = obj.get("id")
     if "messages" in obj:
-        msgs = check_conversation(obj["messages"], "messages")
-        if msgs[-1]["role"] != "assistant":
-            raise ConversationError(f"messages: the last message must be the assistant's reply (the reward is read "
-                                    f"after it), found role {msgs[-1]['role']!r}")
-        return Request("messages", [msgs], rid)
+        return Request("messages", [check_scored_conversation(obj["messages"], "messages")], rid)
     if "prompt" not in obj:
         raise ConversationError(f"{where}: expected 'messages', or 'prompt' with 'chosen'/'rejected' or 'responses'")
     prompt = obj["prompt"]

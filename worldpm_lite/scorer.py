@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .chat import ENDOFTEXT, ConversationError, check_conversation, encode_conversation, load_tokenizer
+from .chat import ENDOFTEXT, check_conversation, check_scored_conversation, encode_conversation, load_tokenizer
 from .checkpoint import Checkpoint
 from .data import prompt_messages, with_response
 from .devices import check_device
@@ -193,10 +193,7 @@ class Scorer:
         """Token ids of each conversation (refused unless it ends with the assistant's reply)."""
         encoded = []
         for n, conv in enumerate(conversations):
-            if isinstance(conv, list) and conv and isinstance(conv[-1], dict) and conv[-1].get("role") != "assistant":
-                raise ConversationError(f"{where} {n}: the last message must be the assistant's reply (the reward "
-                                        f"is read after it), found role {conv[-1].get('role')!r}")
-            ids = encode_conversation(self.tokenizer, conv)
+            ids = encode_conversation(self.tokenizer, check_scored_conversation(conv, f"{where} {n}"))
             if len(ids) > self.max_length:
                 if self.truncation == "error":
                     raise ConversationTooLong(
@@ -284,7 +281,7 @@ class Scorer:
         for g, parts in enumerate(window):
             results.append((first + g, scores[k: k + len(parts)]))
             k += len(parts)
-        return Step(first + len(window), results, len(encoded) and sum(map(len, encoded)))
+        return Step(first + len(window), results, sum(map(len, encoded)))
 
     def score_ids(self, encoded: list[list[int]], progress=None) -> list[float]:
         """One score per token sequence (each ending with <|endoftext|>), in input order."""
