@@ -173,9 +173,10 @@ def length_buckets(segments: list[Segment]) -> list[tuple]:
 
 
 def packed_layer(layer, x: torch.Tensor, rope: tuple, segments: list[Segment], buckets: list, cache: dict,
-                 index: int, masks: dict | None = None) -> torch.Tensor:
+                 index: int, masks: dict) -> torch.Tensor:
     """One Qwen2 decoder layer over a packed stream x [L, h], attention confined to each segment
-    (plus its prompt). The same modules and arithmetic as transformers' layer with SDPA attention."""
+    (plus its prompt). The same modules and arithmetic as transformers' layer with SDPA attention.
+    masks: the batch's response masks on x's device, filled on first use and reused by every layer."""
     attn = layer.self_attn
     if attn.sliding_window is not None:
         raise NotImplementedError("packed attention: sliding-window layers are not supported")
@@ -208,7 +209,6 @@ def packed_layer(layer, x: torch.Tensor, rope: tuple, segments: list[Segment], b
             continue
         pk, pv = local[s.prompt] if s.prompt in local else cache[s.prompt][index]
         p = pk.shape[1]
-        masks = {} if masks is None else masks
         if (s.length, p) not in masks:  # [t, p + t]: the whole prompt, then causal
             keep = torch.ones(s.length, p + s.length, dtype=torch.bool, device=x.device).tril(p)
             masks[(s.length, p)] = torch.zeros(keep.shape, dtype=q.dtype, device=x.device).masked_fill(

@@ -22,23 +22,24 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from .checkpoint import file_sha256, write_json_atomic
 from .data import Line, RequestError, read_lines
 
 RECORD_EVERY = 2.0  # seconds between progress records (each one fsyncs the partial file)
 
 
-def scan(path: str, offset: int = 0) -> list[tuple[str, int]]:
+def scan(path: str) -> list[tuple[str, int]]:
     """Check every line before any scoring (a bad line at line 900,000 should not wait days to be
     found); returns (kind, conversations) per request. Memory: two small ints per request."""
-    shapes = [(line.request.kind, len(line.request.conversations)) for line in read_lines(path, offset)]
-    if not shapes and offset == 0:
+    shapes = [(line.request.kind, len(line.request.conversations)) for line in read_lines(path)]
+    if not shapes:
         raise RequestError(f"{path}: no requests (the file is empty)")
     return shapes
 
 
-def _hash_prefix(path: str, size: int, digest=None):
+def _hash_prefix(path: str, size: int):
     """sha256 of the first `size` bytes of `path`, read in 4 MiB chunks (a hashlib object)."""
-    digest = digest or hashlib.sha256()
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
         while size > 0:
             chunk = f.read(min(size, 1 << 22))
@@ -49,15 +50,6 @@ def _hash_prefix(path: str, size: int, digest=None):
     return digest
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def partial_paths(output: str | Path) -> tuple[Path, Path]:
     out = Path(output)
     return out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.progress.json")
@@ -65,9 +57,7 @@ def partial_paths(output: str | Path) -> tuple[Path, Path]:
 
 def score_settings(scorer, model: str | Path) -> dict:
     """What decides the bytes of the results: a resumed run must match every entry."""
-    from .quantize.run import _sha256
-
-    return {"model": str(Path(model).resolve()), "config_sha256": _sha256(Path(model) / "config.json"),
+    return {"model": str(Path(model).resolve()), "config_sha256": file_sha256(Path(model) / "config.json"),
             "backend": scorer.backend, "token_budget": scorer.token_budget, "truncation": scorer.truncation,
             "max_length": scorer.max_length, "packing": scorer.packing, "share_prompts": scorer.share_prompts}
 
@@ -80,6 +70,7 @@ def score_file(scorer, path: str, output: str | None, settings: dict, resume: bo
     total = len(shapes)
     del shapes
     start = {"line": 0, "offset": 0, "bytes": 0, "requests": 0, "input_sha256": hashlib.sha256().hexdigest()}
+    digest = hashlib.sha256()  # of the input read so far
     if output is None:
         sink, partial, record = sys.stdout, None, None
     else:
@@ -94,7 +85,7 @@ def score_file(scorer, path: str, output: str | None, settings: dict, resume: bo
                 "score again)")
             return total
         if resume and partial.exists() and record.exists():
-            start = _check_resume(record, path, settings)
+            start, digest = _check_resume(record, path, settings)
             log(f"resuming {output} after line {start['line']} ({start['requests']} of {total} results written)")
         elif resume:
             log(f"--resume: no interrupted run of {output} found; starting from the first line")
@@ -102,7 +93,6 @@ def score_file(scorer, path: str, output: str | None, settings: dict, resume: bo
         sink.truncate(start["bytes"])
         sink.seek(start["bytes"])
 
-    digest = _hash_prefix(path, start["offset"])
     lines: deque[tuple[int, Line, object]] = deque()  # in flight: group number, line, digest after it
 
     def groups():
@@ -172,10 +162,12 @@ def _steps(scorer, groups, lines, path):
 def _record(sink, record: Path, state: dict, settings: dict) -> None:
     sink.flush()
     os.fsync(sink.fileno())
-    _write_json_atomic(record, {**state, "settings": settings})
+    write_json_atomic(record, {**state, "settings": settings})
 
 
-def _check_resume(record: Path, path: str, settings: dict) -> dict:
+def _check_resume(record: Path, path: str, settings: dict) -> tuple[dict, object]:
+    """Where the interrupted run stopped, and the hash of the input up to there (checked against
+    the record, then fed on by the resumed run)."""
     saved = json.loads(record.read_text())
     changed = sorted(k for k in set(settings) | set(saved.get("settings", {}))
                      if settings.get(k) != saved.get("settings", {}).get(k))
@@ -183,14 +175,14 @@ def _check_resume(record: Path, path: str, settings: dict) -> dict:
         raise ValueError(f"{record}: the interrupted run used other settings ({', '.join(changed)}: "
                          f"{[saved.get('settings', {}).get(k) for k in changed]}); rerun with those, or delete it "
                          "and its .partial file to start over")
-    if Path(path).stat().st_size < saved["offset"] or \
-            _hash_prefix(path, saved["offset"]).hexdigest() != saved["input_sha256"]:
+    digest = _hash_prefix(path, saved["offset"])
+    if Path(path).stat().st_size < saved["offset"] or digest.hexdigest() != saved["input_sha256"]:
         raise ValueError(f"{path}: its first {saved['line']} lines changed since the interrupted run; delete "
                          f"{record} and its .partial file to start over")
     if record.with_name(record.name.replace(".progress.json", ".partial")).stat().st_size < saved["bytes"]:
         raise ValueError(f"{record}: says {saved['bytes']} bytes of results were written, but the .partial file "
                          "is shorter; delete both to start over")
-    return {k: saved[k] for k in ("line", "offset", "bytes", "requests", "input_sha256")}
+    return {k: saved[k] for k in ("line", "offset", "bytes", "requests", "input_sha256")}, digest
 
 
 def _bar(total: int, initial: int):
