@@ -88,9 +88,18 @@ class WorldPM(nn.Module):
             rows = index.to(x.device)
             x = (x[torch.arange(x.shape[0], device=x.device), rows] if x.dim() == 3 else x[rows]).to(s0.weight.device)
             index = torch.arange(x.shape[0])
-        tail = fused_tail if self.tail_backend == "triton" else fused_tail_ref
-        return tail(x, index, self.model.norm.weight, self.model.norm.variance_epsilon,
-                    s0.weight, s0.bias, s2.weight, s2.bias)
+        args = (self.model.norm.weight, self.model.norm.variance_epsilon, s0.weight, s0.bias, s2.weight, s2.bias)
+        if self.tail_backend == "triton":
+            return fused_tail(x, index, *args)
+        if x.device.type == "cpu" and len(index) > 1:
+            # Row by row: BLAS runs a product of few rows through other kernels than one of many, so a
+            # batched head would let a score's last bits depend on how many conversations share its batch.
+            # The decoder's products have a row per token, and for 16 rows or more (a chat-templated
+            # conversation has at least 18 tokens) MKL gives each row the same bits whatever the count.
+            # So on the CPU a conversation scores the same bits in any batch: what `serve` relies on.
+            return torch.cat([fused_tail_ref(x[i:i + 1] if x.dim() == 3 else x, index[i:i + 1], *args)
+                              for i in range(len(index))])
+        return fused_tail_ref(x, index, *args)
 
 
 def read_weight(ckpt: Checkpoint, name: str) -> torch.Tensor:

@@ -151,24 +151,30 @@ class PackedRun:
 
 
 def length_buckets(segments: list[Segment]) -> list[tuple]:
-    """The segments without a prompt, short ones grouped by length (up to 2x apart) so each group's attention
-    is one SDPA call over [S, H, T, d]: (gather [S, T] stream rows, each row's last real token
-    repeated as filler; source [R] positions in the flattened [S * T] output; destination [R]
-    stream rows; and (start, end) when the group is one segment, which is then read and written
-    in place). Causal attention keeps the filler, which comes after every real token, out of every
-    real token's result."""
-    groups: dict[object, list[Segment]] = {}
+    """The segments without a prompt, short ones grouped by length class (lengths in (2^(c-1), 2^c]) so
+    each group's attention is one SDPA call over [S, H, 2^c, d]: (gather [S, 2^c] stream rows, each row's
+    last real token repeated as filler; source [R] positions in the flattened [S * 2^c] output;
+    destination [R] stream rows; and (start, end) for a long segment, attended alone and in place).
+    Causal attention keeps the filler, which comes after every real token, out of every real token's
+    result. Every short segment is padded to its class's full width, alone or not: the attention kernel
+    blocks its work by the padded length, so a segment's bits then do not depend on its neighbours."""
+    groups: dict[tuple, list[Segment]] = {}
     for s in segments:
         if s.prompt is None:  # a long segment alone: its call costs more than its launch
-            groups.setdefault(s.start if s.length >= ALONE else (s.length - 1).bit_length(), []).append(s)
+            key = ("alone", s.start) if s.length >= ALONE else ("class", (s.length - 1).bit_length())
+            groups.setdefault(key, []).append(s)
     out = []
-    for segs in groups.values():
-        width = max(s.length for s in segs)
+    for (kind, c), segs in groups.items():
+        if kind == "alone":
+            s = segs[0]
+            out.append((None, None, None, (s.start, s.start + s.length)))
+            continue
+        width = 1 << c
         steps = torch.arange(width)
         gather = torch.stack([s.start + steps.clamp(max=s.length - 1) for s in segs])  # [S, T]
         source = torch.cat([j * width + torch.arange(s.length) for j, s in enumerate(segs)])
         dest = torch.cat([torch.arange(s.start, s.start + s.length) for s in segs])
-        out.append((gather, source, dest, (segs[0].start, segs[0].start + segs[0].length) if len(segs) == 1 else None))
+        out.append((gather, source, dest, None))
     return out
 
 
