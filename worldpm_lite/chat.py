@@ -186,3 +186,18 @@ def encode_conversation(tokenizer, conversation) -> list[int]:
     if not ids or ids[-1] != eot:
         ids.append(eot)
     return ids
+
+
+def encode_text(tokenizer, text, where: str = "query") -> list[int]:
+    """Token ids of an already templated conversation (as RL trainers send it: OpenRLHF's remote
+    reward protocol), not templated again. Runs of <|endoftext|> at either end (a policy's padding
+    when it is a Qwen model) are dropped and exactly one ends the sequence, where the reward is read."""
+    if not isinstance(text, str):
+        raise ConversationError(f"{where}: expected a string, found {type(text).__name__}")
+    while text.startswith(ENDOFTEXT):
+        text = text[len(ENDOFTEXT):]
+    while text.endswith(ENDOFTEXT):
+        text = text[:-len(ENDOFTEXT)]
+    if not text.strip():
+        raise ConversationError(f"{where}: expected the templated conversation's text, found an empty string")
+    return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(ENDOFTEXT)]

@@ -45,6 +45,14 @@ class Group:
         return sum(len(p) for p in self.parts) + len(self.prompt or ())
 
 
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens all of seqs share, leaving each at least its last (scoring) token."""
+    n = min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        n = next((i for i in range(n) if s[i] != seqs[0][i]), n)
+    return n
+
+
 @dataclass(frozen=True)
 class Segment:
     start: int  # first token in the stream

@@ -11,12 +11,20 @@ from pathlib import Path
 
 import torch
 
-from .chat import ENDOFTEXT, check_conversation, check_scored_conversation, encode_conversation, load_tokenizer
+from .chat import (
+    ENDOFTEXT,
+    ConversationError,
+    check_conversation,
+    check_scored_conversation,
+    encode_conversation,
+    encode_text,
+    load_tokenizer,
+)
 from .checkpoint import Checkpoint
 from .data import prompt_messages, with_response
 from .devices import check_device
 from .model import WorldPM, load_model
-from .packing import Group, pack, run_batches
+from .packing import Group, pack, run_batches, shared_prefix
 from .plan import auto_device_map, check_visible, gpu_capacity
 from .qlinear import GPTQLinear
 
@@ -191,17 +199,21 @@ class Scorer:
 
     def encode(self, conversations: list, where: str = "conversation") -> list[list[int]]:
         """Token ids of each conversation (refused unless it ends with the assistant's reply)."""
-        encoded = []
-        for n, conv in enumerate(conversations):
-            ids = encode_conversation(self.tokenizer, check_scored_conversation(conv, f"{where} {n}"))
-            if len(ids) > self.max_length:
-                if self.truncation == "error":
-                    raise ConversationTooLong(
-                        f"{where} {n} has {len(ids)} tokens; the model reads at most {self.max_length} "
-                        "(pass truncation='left' / --truncate to keep the last tokens)")
-                ids = ids[-self.max_length:]
-            encoded.append(ids)
-        return encoded
+        return [self._fit(encode_conversation(self.tokenizer, check_scored_conversation(conv, f"{where} {n}")),
+                          f"{where} {n}") for n, conv in enumerate(conversations)]
+
+    def encode_texts(self, texts: list, where: str = "query") -> list[list[int]]:
+        """Token ids of already templated texts (OpenRLHF's queries), see chat.encode_text."""
+        return [self._fit(encode_text(self.tokenizer, t, f"{where}[{n}]"), f"{where}[{n}]")
+                for n, t in enumerate(texts)]
+
+    def _fit(self, ids: list[int], where: str) -> list[int]:
+        if len(ids) <= self.max_length:
+            return ids
+        if self.truncation == "error":
+            raise ConversationTooLong(f"{where} has {len(ids)} tokens; the model reads at most {self.max_length} "
+                                      "(pass truncation='left' / --truncate to keep the last tokens)")
+        return ids[-self.max_length:]
 
     def group(self, conversations: list, prompt: list | None = None, where: str = "conversation") -> Group:
         """One request's conversations as a Group. With `prompt` (the messages every conversation
@@ -215,12 +227,32 @@ class Scorer:
         text = self.tokenizer.apply_chat_template(check_conversation(prompt), tokenize=False,
                                                   add_generation_prompt=False)
         own = self.tokenizer.encode(text, add_special_tokens=False)
-        n = min(len(f) for f in full) - 1  # every response keeps at least its scoring token
-        for f in full[1:]:
-            n = next((i for i in range(n) if f[i] != full[0][i]), n)
+        n = shared_prefix(full)
         if n < len(own) or full[0][:len(own)] != own:
             return Group(None, full)
         return Group(full[0][:n], [f[n:] for f in full])
+
+    def text_groups(self, texts: list, prompts: list | None = None,
+                    where: str = "query") -> tuple[list[Group], list[int]]:
+        """Already templated texts as Groups: with `prompts` (one per text) and share_prompts, the texts
+        with equal prompts are one Group whose common leading tokens run once. Returns the groups and
+        the text index of each of their parts, in order."""
+        if prompts is not None and (len(prompts) != len(texts) or not all(isinstance(p, str) for p in prompts)):
+            raise ConversationError(f"prompts: expected a list of {len(texts)} strings (one per {where}), found "
+                                    f"{len(prompts)} items of types {sorted({type(p).__name__ for p in prompts})}")
+        ids = self.encode_texts(texts, where)
+        if prompts is None or not (self.share_prompts and self.packing):
+            return [Group(None, [t]) for t in ids], list(range(len(ids)))
+        by_prompt: dict = {}
+        for n, p in enumerate(prompts):
+            by_prompt.setdefault(p, []).append(n)
+        groups, order = [], []
+        for members in by_prompt.values():
+            full = [ids[n] for n in members]
+            k = shared_prefix(full) if len(full) > 1 else 0
+            groups.append(Group(full[0][:k], [f[k:] for f in full]) if k else Group(None, full))
+            order += members
+        return groups, order
 
     def run(self, groups: Iterable[Group]) -> Iterator[Step]:
         """Score groups lazily, in order: one Step per batch, each with the groups it completed.
@@ -299,6 +331,16 @@ class Scorer:
 
     def score_groups(self, groups: list[Group]) -> list[list[float]]:
         return [s for step in self.run(groups) for _, s in step.results]
+
+    def score_texts(self, texts: list[str], prompts: list | None = None) -> list[float]:
+        """One score per already templated text (the whole conversation as the chat template renders
+        it, as RL trainers send it: see chat.encode_text), in input order. With `prompts` (one per
+        text), texts with equal prompts share their common leading tokens' computation."""
+        groups, order = self.text_groups(texts, prompts)
+        scores = [0.0] * len(order)
+        for n, s in zip(order, (s for g in self.score_groups(groups) for s in g)):
+            scores[n] = s
+        return scores
 
     def compare(self, prompt, response_a: str, response_b: str) -> Comparison:
         """Score two responses to the same prompt (a string or a list of prior messages)."""
