@@ -1,4 +1,4 @@
-"""worldpm-lite command line: score, selfcheck, demo, make-tiny."""
+"""worldpm-lite command line: score, serve, selfcheck, quantize, plan, fidelity, make-tiny, demo."""
 
 from __future__ import annotations
 
@@ -74,6 +74,35 @@ def cmd_score(args):
                    log=lambda m: print(m, file=sys.stderr))
     if args.output:
         print(f"wrote {n} results to {args.output}", file=sys.stderr)
+
+
+def cmd_serve(args):
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"serve needs the [serve] extra ({e.name} is not installed): pip install "
+                         "'worldpm-lite[serve]'") from None
+    from .serve import bind, create_app, run_server
+
+    for flag, value, low in (("--max-items", args.max_items, 1), ("--max-queue", args.max_queue, 1),
+                             ("--max-wait-ms", args.max_wait_ms, 0), ("--max-body-mib", args.max_body_mib, 1)):
+        if value < low:
+            raise UsageError(f"{flag}: expected at least {low}, found {value}")
+    try:
+        sock = bind(args.host, args.port)  # before the model loads: a taken port fails at once
+    except OSError as e:
+        raise UsageError(str(e)) from None
+    scorer = _scorer(args)
+    app = create_app(scorer, model=args.model, max_items=args.max_items, max_queue=args.max_queue,
+                     max_wait=args.max_wait_ms / 1000, max_body=int(args.max_body_mib * (1 << 20)))
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    print(f"serving {args.model} on {url}: POST /get_reward (OpenRLHF), POST /v1/score, GET /health, GET /metrics. "
+          "SIGTERM or Ctrl-C answers the requests in flight, then exits", file=sys.stderr, flush=True)
+    run_server(app, sock, log_level=args.log_level, access_log=args.access_log)
+    print("worldpm-lite serve: stopped after answering every request in flight", file=sys.stderr)
 
 
 def cmd_selfcheck(args):
@@ -238,6 +267,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last recorded line "
                    "(same model and options; ends byte-identical to an uninterrupted run)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("serve", help="an HTTP scoring service for RL training loops (OpenRLHF's /get_reward)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve the model over HTTP (needs the [serve] extra: pip install "
+                       "'worldpm-lite[serve]').\n"
+                       '  POST /get_reward  {"query": [text, ...], "prompts": [...]} -> {"rewards": [...]}  (OpenRLHF; '
+                       "each query is the\n"
+                       "                    whole templated conversation, not templated again; <|endoftext|> is "
+                       "appended)\n"
+                       "  POST /v1/score    score's request objects, one or a list -> its result objects\n"
+                       "  GET  /health      GET /metrics (Prometheus)\n"
+                       "Concurrent requests are merged into batches under the token budget; each caller gets exactly "
+                       "the scores Scorer.score gives (on the CPU; within rounding on GPUs). Bad input: a 4xx JSON "
+                       "error naming the field. A full queue: 503 with Retry-After. SIGTERM or Ctrl-C: no new "
+                       "connections, every request in flight answered, then exit 0.")
+    _add_runtime(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000 (0: any free port, printed at start)")
+    p.add_argument("--max-items", type=int, default=512, help="conversations or queries per request (default: 512)")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting for the model before new ones get "
+                   "503 + Retry-After (default: 1024)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch below the token budget waits "
+                   "for more requests (default: 5)")
+    p.add_argument("--max-body-mib", type=float, default=64, help="largest request body (default: 64 MiB)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level (default: warning)")
+    p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("selfcheck", help="score WorldPM's README pair; compare with the published values for 72B")
     _add_runtime(p)

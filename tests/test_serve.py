@@ -1,0 +1,292 @@
+"""`worldpm-lite serve` on 127.0.0.1 with the small model: served scores equal the Scorer's exactly,
+many concurrent clients get their own results, every kind of bad input gets a clear 4xx, a full
+queue gets 503 + Retry-After, a bad score fails only its own request, SIGTERM drains."""
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from worldpm_lite.batcher import Batcher
+from worldpm_lite.cli import main
+from worldpm_lite.scorer import NonFiniteScore, Scorer
+from worldpm_lite.serve import bind, create_app
+
+WORDS = ("sleep tea walk early screen light dark cool room habit week rest quiet mind body read "
+         "morning night coffee noon run water").split()
+
+
+def text(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def chat(user: str, reply: str) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+def templated(conv: list[dict]) -> str:
+    """A conversation as a trainer sends it to /get_reward (Qwen's ChatML, no <|endoftext|>)."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                   for m in [{"role": "system", "content": ""}, *conv])
+
+
+@contextlib.contextmanager
+def running(app):
+    """The app under uvicorn on a free 127.0.0.1 port, in a thread; yields its URL."""
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def scorer(small_dir):
+    return Scorer.from_pretrained(small_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(scorer):
+    with running(create_app(scorer, max_items=8, max_body=64 << 10)) as u:
+        yield u
+
+
+def gather(url: str, posts: list[tuple[str, object]], clients: int) -> list[httpx.Response]:
+    """POST each (path, json) with `clients` concurrent connections; responses in input order."""
+    async def go():
+        out = [None] * len(posts)
+        queue = list(enumerate(posts))
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            async def client():
+                while queue:
+                    i, (path, body) = queue.pop()
+                    out[i] = await c.post(path, content=json.dumps(body))
+            await asyncio.gather(*(client() for _ in range(clients)))
+        return out
+    return asyncio.run(go())
+
+
+def test_served_scores_equal_the_scorer_exactly(url, scorer):
+    rng = random.Random(1)
+    convs = [chat(text(rng, 1, 12), text(rng, 1, 40)) for _ in range(24)]
+    pairs = [(text(rng, 1, 10), text(rng, 1, 25), text(rng, 1, 25)) for _ in range(6)]
+    ranks = [(text(rng, 1, 10), [text(rng, 1, 20) for _ in range(rng.randint(2, 5))]) for _ in range(4)]
+    queries = [templated(c) for c in convs[:8]]
+    posts = [("/v1/score", {"messages": c, "id": f"m{i}"}) for i, c in enumerate(convs)]
+    posts += [("/v1/score", {"prompt": p, "chosen": a, "rejected": b}) for p, a, b in pairs]
+    posts += [("/v1/score", [{"prompt": p, "responses": rs}, {"messages": convs[0]}]) for p, rs in ranks]
+    posts += [("/get_reward", {"query": queries}),
+              ("/get_reward", {"query": queries[:4] * 2, "prompts": ["a", "b", "a", "b"] * 2})]
+    got = [r.json() for r in gather(url, posts, clients=16)]
+    assert all("error" not in g for g in got), got
+
+    want = scorer.score(convs)  # all at once: other batches than the server formed
+    assert [g["score"] for g in got[:24]] == want
+    assert [g["id"] for g in got[:24]] == [f"m{i}" for i in range(24)]
+    for g, (p, a, b) in zip(got[24:30], pairs):
+        c = scorer.compare(p, a, b)
+        assert (g["chosen_score"], g["rejected_score"]) == (c.score_a, c.score_b)
+        assert g["preferred"] == ("chosen" if c.score_a >= c.score_b else "rejected")
+    for g, (p, rs) in zip(got[30:34], ranks):
+        assert g[0]["scores"] == scorer.rank(p, rs).scores and g[1]["score"] == want[0]
+    assert got[34]["rewards"] == scorer.score_texts(queries) == want[:8]  # the same tokens as templating does
+    assert got[35]["rewards"] == scorer.score_texts(queries[:4] * 2, ["a", "b", "a", "b"] * 2)
+    assert max(abs(a - b) for a, b in zip(got[35]["rewards"], want[:4] * 2)) < 1e-5  # prompts shared
+
+
+def test_64_clients_20_requests_each_all_answered_none_swapped(url, scorer):
+    rng = random.Random(2)
+    convs = [chat(text(rng, 1, 8), text(rng, 1, 30)) for _ in range(40)]
+    want = scorer.score(convs)
+    posts = [("/v1/score", {"id": n, "messages": convs[n % 40]}) for n in range(64 * 20)]
+    before = httpx.get(f"{url}/metrics").text
+    responses = gather(url, posts, clients=64)
+    assert all(r.status_code == 200 for r in responses)
+    got = [r.json() for r in responses]
+    assert [g["id"] for g in got] == list(range(64 * 20))
+    assert [g["score"] for g in got] == [want[n % 40] for n in range(64 * 20)]
+
+    after = metric_values(httpx.get(f"{url}/metrics").text)
+    assert after['worldpm_requests_total{code="200",endpoint="/v1/score"}'] - metric_values(before).get(
+        'worldpm_requests_total{code="200",endpoint="/v1/score"}', 0) == 64 * 20
+    # merged: fewer rounds than requests
+    assert after["worldpm_batched_requests_sum"] / after["worldpm_batched_requests_count"] > 2
+    assert after["worldpm_queue_depth"] == 0 and after["worldpm_in_flight_requests"] == 0
+
+
+def metric_values(text: str) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+LONG = chat("tips", " ".join(["sleep"] * 200))
+BAD = [
+    ("/v1/score", b'{"messages": [', 400, "not valid JSON"),
+    ("/v1/score", b'\xff\xfe{}', 400, "not UTF-8"),
+    ("/v1/score", b'[]', 422, "non-empty list"),
+    ("/v1/score", b'"hello"', 422, "request object"),
+    ("/v1/score", {"prompt": "x"}, 422, "neither 'chosen'/'rejected' nor 'responses'"),
+    ("/v1/score", {"prompt": "x", "chosen": "a"}, 422, "without 'rejected'"),
+    ("/v1/score", {"messages": "hi"}, 422, "expected a non-empty list of messages"),
+    ("/v1/score", [{"messages": chat("a", "b")}, {"prompt": "x", "chosen": 3, "rejected": "a"}], 422,
+     "request[1]: chosen: expected a string, found int"),
+    ("/v1/score", {"messages": [{"role": "user", "content": "hi"}]}, 422, "must be the assistant's reply"),
+    ("/v1/score", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages[0].role"),
+    ("/v1/score", {"prompt": "x", "responses": ["a"] * 9}, 413, "9 conversations; this server takes at most 8"),
+    ("/v1/score", {"messages": LONG}, 422, "request conversation 0 has 2"),
+    ("/v1/score", {"messages": chat("a", "b" * 70000)}, 413, "this server takes at most 65536"),
+    ("/get_reward", {}, 422, "query: expected a non-empty list of strings"),
+    ("/get_reward", {"query": "text"}, 422, "found str"),
+    ("/get_reward", {"query": ["ok", 5]}, 422, "query[1]: expected a string, found int"),
+    ("/get_reward", {"query": ["<|endoftext|>"]}, 422, "query[0]: expected the templated conversation's text"),
+    ("/get_reward", {"query": ["a"] * 9}, 413, "9 queries"),
+    ("/get_reward", {"query": ["a", "b"], "prompts": ["p"]}, 422, "prompts: expected a list of 2 strings"),
+    ("/get_reward", {"query": [templated(LONG)]}, 422, "query[0] has 2"),
+    ("/get_reward", [1, 2], 422, "body: expected an object"),
+]
+
+
+@pytest.mark.parametrize("path,body,code,message", BAD, ids=[f"{p}-{m[:30]}" for p, _, _, m in BAD])
+def test_bad_input_gets_a_clear_4xx(url, path, body, code, message):
+    r = httpx.post(url + path, content=body if isinstance(body, bytes) else json.dumps(body))
+    assert r.status_code == code, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and message in err["message"], err
+    if "has 2" in message:
+        assert "tokens; the model reads at most 96" in err["message"]
+
+
+def test_health_names_the_backend_and_devices(url):
+    h = httpx.get(f"{url}/health").json()
+    assert h["status"] == "ok" and h["loaded"] and h["devices"] == ["cpu"]
+    assert "float32 compute on cpu" in h["backend"] and h["max_length"] == 96 and h["max_items"] == 8
+
+
+def gate(scorer, opened: threading.Event, entered: threading.Event):
+    """The scorer's run, held until `opened` is set (to fill the queue while the worker is busy)."""
+    run = scorer.run
+
+    def held(groups):
+        entered.set()
+        assert opened.wait(30)
+        yield from run(groups)
+    scorer.run = held
+    return scorer
+
+
+def test_full_queue_answers_503_with_retry_after(small_dir, scorer):
+    opened, entered = threading.Event(), threading.Event()
+    held = gate(Scorer.from_pretrained(small_dir, device="cpu"), opened, entered)
+    app = create_app(held, max_queue=1, max_wait=0)
+    conv = chat("tips", "keep a schedule")
+    with running(app) as u, httpx.Client(base_url=u, timeout=60) as c:
+        results = {}
+
+        def post(k):
+            results[k] = httpx.post(f"{u}/v1/score", json={"messages": conv}, timeout=60)
+        first = threading.Thread(target=post, args=(1,))
+        first.start()
+        assert entered.wait(30)  # the worker holds the first request
+        second = threading.Thread(target=post, args=(2,))
+        second.start()
+        while metric_values(c.get("/metrics").text)["worldpm_queue_depth"] < 1:
+            time.sleep(0.01)
+        full = c.post("/get_reward", json={"query": [templated(conv)]})
+        assert full.status_code == 503 and full.json()["error"]["type"] == "overloaded"
+        assert int(full.headers["Retry-After"]) >= 1
+        opened.set()
+        first.join(30)
+        second.join(30)
+        assert [results[k].json()["score"] for k in (1, 2)] == scorer.score([conv]) * 2
+
+
+def test_a_non_finite_score_fails_only_its_own_request(small_dir, scorer):
+    poisoned = Scorer.from_pretrained(small_dir, device="cpu")
+    token = poisoned.tokenizer.encode(" habit", add_special_tokens=False)
+    assert len(token) == 1
+    with torch.no_grad():
+        poisoned.model.model.embed_tokens.weight[token[0]] = float("inf")
+    good = [chat("tips", "keep a schedule"), chat("more", "drink water early")]
+    batcher = Batcher(poisoned, max_wait=0.5)
+    try:
+        futures = [batcher.submit([poisoned.group([c])]) for c in (good[0], chat("tips", "one habit"), good[1])]
+        assert [futures[i].result(30)[0] for i in (0, 2)] == [[s] for s in scorer.score(good)]
+        with pytest.raises(NonFiniteScore):
+            futures[1].result(30)
+    finally:
+        batcher.close()
+
+
+def test_port_in_use_is_a_clear_error(small_dir, capsys):
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert main(["serve", "--model", str(small_dir), "--device", "cpu", "--port",
+                     str(sock.getsockname()[1])]) == 2
+    finally:
+        sock.close()
+    assert "cannot listen there" in capsys.readouterr().err
+
+
+def test_sigterm_answers_requests_in_flight_then_exits(small_dir, scorer):
+    proc = subprocess.Popen([sys.executable, "-m", "worldpm_lite", "serve", "--model", str(small_dir), "--device",
+                             "cpu", "--port", "0", "--max-wait-ms", "2500"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stderr:
+            if line.startswith("serving "):
+                u = re.search(r"http://[\d.]+:\d+", line).group(0)
+                break
+        else:
+            pytest.fail("the server did not start")
+        convs = [chat("tips", w) for w in WORDS[:4]]
+        results: dict = {}
+        threads = [threading.Thread(target=lambda i=i: results.setdefault(
+            i, httpx.post(f"{u}/v1/score", json={"messages": convs[i]}, timeout=60))) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while metric_values(httpx.get(f"{u}/metrics").text)["worldpm_in_flight_requests"] < 4:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # the batch waits 2.5 s for company: all four are in flight
+        time.sleep(0.3)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{u}/health")  # no new connections while draining
+        for t in threads:
+            t.join(60)
+        assert [results[i].status_code for i in range(4)] == [200] * 4
+        assert [results[i].json()["score"] for i in range(4)] == scorer.score(convs)
+        assert proc.wait(60) == 0
+        assert "stopped after answering every request in flight" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_score_texts_reads_templated_text_as_the_template_makes_it(scorer):
+    conv = chat("Tips for better sleep?", "Keep a fixed schedule.")
+    padded = "<|endoftext|>" * 3 + templated(conv) + "<|endoftext|>" * 2  # a left- and right-padded policy batch
+    assert scorer.encode_texts([templated(conv), padded]) == scorer.encode([conv]) * 2
+    assert scorer.score_texts([padded]) == scorer.score([conv])
+    convs = [chat("Tips for better sleep?", r) for r in ("Keep a schedule.", "idk", "Dark room.")]
+    groups, order = scorer.text_groups([templated(c) for c in convs], ["p", "q", "p"])
+    assert order == [0, 2, 1] and groups[0].prompt is not None and groups[1].prompt is None
