@@ -290,3 +290,16 @@ def test_score_texts_reads_templated_text_as_the_template_makes_it(scorer):
     convs = [chat("Tips for better sleep?", r) for r in ("Keep a schedule.", "idk", "Dark room.")]
     groups, order = scorer.text_groups([templated(c) for c in convs], ["p", "q", "p"])
     assert order == [0, 2, 1] and groups[0].prompt is not None and groups[1].prompt is None
+
+
+def test_keep_alive_responses_are_not_held_by_nagle(url):
+    """Without TCP_NODELAY on the accepted sockets, each keep-alive response waited ~40 ms for the
+    client's delayed ACK (measured: 44 ms per /health; 1.5 ms with it)."""
+    with httpx.Client(base_url=url) as c:
+        c.get("/health")
+        times = []
+        for _ in range(15):
+            t = time.perf_counter()
+            c.get("/health")
+            times.append(time.perf_counter() - t)
+    assert sorted(times)[7] < 0.025, times
