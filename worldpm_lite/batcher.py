@@ -2,10 +2,13 @@
 
 One worker thread owns the model. A caller submits one request's work (a list of Groups) and gets a
 Future. The worker takes the oldest waiting request, then keeps taking requests in arrival order
-while they fit one token budget per pipeline stage, waiting at most `max_wait` seconds for more to
-arrive, and runs what it took through `Scorer.run` (packed batches that start at request
-boundaries). Each Future resolves as soon as its own groups are scored, so a small request is not
-held back by a large one behind it in the same round.
+while they fit one token budget per pipeline stage, and runs what it took through `Scorer.run`
+(packed batches that start at request boundaries). Each Future resolves as soon as its own groups
+are scored, so a small request is not held back by a large one behind it in the same round.
+
+While its round is below the budget the worker waits, at most `max_wait` seconds, only for requests
+already on their way: callers announce one with `coming()` while they read and tokenize it. A lone
+caller therefore never waits for company that is not there.
 
 On the CPU a conversation's score does not depend on the batch it lands in (see WorldPM.head), so
 every caller gets exactly the numbers `Scorer.score` gives for its request alone.
@@ -16,6 +19,7 @@ measured throughput. `close` takes no new requests, scores every queued one, the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -50,7 +54,7 @@ class Job:
 
 
 class Batcher:
-    """max_wait: seconds the worker waits for more requests while its round is below the budget.
+    """max_wait: seconds the worker waits for requests on their way while its round is below the budget.
     max_queue: requests waiting (not yet taken by the worker) before submit refuses.
     on_step(step, requests): called by the worker after each batch, with the requests in its round."""
 
@@ -63,6 +67,7 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._coming = 0  # requests being read and tokenized: worth waiting for
         self._rate = 0.0  # tokens per second of recent rounds (model work), for Retry-After
         self._thread = threading.Thread(target=self._loop, name="worldpm-batcher", daemon=True)
         self._thread.start()
@@ -71,6 +76,18 @@ class Batcher:
     def queued(self) -> int:
         """Requests waiting for the worker."""
         return len(self._queue)
+
+    @contextlib.contextmanager
+    def coming(self):
+        """Around reading and tokenizing a request that will be submitted: the worker waits for it."""
+        with self._cond:
+            self._coming += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._coming -= 1
+                self._cond.notify()
 
     def submit(self, groups: list[Group]) -> Future:
         """Queue one request's groups; the Future gives their scores (one list per group, in order)."""
@@ -106,7 +123,7 @@ class Batcher:
                     if job.future.set_running_or_notify_cancel():  # False: its caller has gone
                         jobs.append(job)
                         work += job.work
-                if jobs and (self._queue or work >= self.round_budget or self._closing):
+                if jobs and (self._queue or work >= self.round_budget or self._closing or not self._coming):
                     return jobs
                 if not jobs and self._closing:
                     return None

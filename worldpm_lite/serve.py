@@ -188,12 +188,14 @@ def create_app(scorer, model: str = "", max_items: int = MAX_ITEMS, max_queue: i
         return response
 
     async def _respond(request: Request, prepare):
+        batcher = state["batcher"]
         try:
-            body = await _read(request, max_body)
-            loop = asyncio.get_running_loop()
-            groups, finish = await loop.run_in_executor(state["prepare"], prepare, scorer, body, max_items)
-            scores = await asyncio.wrap_future(state["batcher"].submit(groups))
-            return JSONResponse(finish(scores))
+            with batcher.coming():
+                body = await _read(request, max_body)
+                loop = asyncio.get_running_loop()
+                groups, finish = await loop.run_in_executor(state["prepare"], prepare, scorer, body, max_items)
+                future = batcher.submit(groups)
+            return JSONResponse(finish(await asyncio.wrap_future(future)))
         except HTTPError as e:
             return error(e.code, e.kind, str(e), e.headers)
         except QueueFull as e:
