@@ -1,0 +1,185 @@
+"""Load on `worldpm-lite serve`: requests/s and p50/p99 latency with 1, 8, 32 and 64 concurrent
+clients, and the Scorer called directly one request at a time (no HTTP) as the floor.
+
+    python bench/serve_load.py [--model DIR] [--requests 320] [--repeats 2] [--max-wait-ms 5]
+
+The server runs as users run it (`python -m worldpm_lite serve ... --port 0`, a subprocess) on the
+small model (default: the trained one of `make-tiny`, seed 0); the clients are keep-alive
+connections on asyncio streams in this process (see Connection), which on a 2-core machine still
+take some CPU time from the server. Each request is one real ShareGPT first exchange as `/v1/score` {"messages": ...}
+(default), or with --reward eight of them as one `/get_reward` call. Levels alternate over
+--repeats rounds; each level sends --requests requests (one client: a quarter of that). Every
+answer is checked against the Scorer's score for its conversation (exactly equal). Target (issue 13):
+32 clients >= 3x the requests/s of one at a time. The Scorer called directly, one request at a time
+and all at once, shows how much batching itself gains on this machine for these requests.
+Writes bench/results/serve_load[-short][-reward].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from worldpm_lite.chat import encode_conversation
+from worldpm_lite.data import sharegpt_conversations
+from worldpm_lite.scorer import Scorer
+from worldpm_lite.tiny import tiny_model_dir
+
+MAX_TOKENS = 512
+
+
+def start(model: str, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "worldpm_lite", "serve", "--model", model, "--device", "cpu",
+                             "--port", "0", "--max-wait-ms", str(max_wait_ms)], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("serving "):
+            return proc, re.search(r"http://[\d.]+:\d+", line).group(0)
+    raise RuntimeError(f"the server did not start (exit {proc.wait()})")
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection on asyncio streams. httpx's AsyncClient costs so much CPU per
+    request that on this 2-core box it tops out near 200 requests/s with 32 connections on a no-op
+    endpoint; this client leaves the CPU to the server it measures."""
+
+    def __init__(self, reader, writer, host: str):
+        self.reader, self.writer, self.host = reader, writer, host
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) != b"\r\n":
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+
+async def load(url: str, bodies: list[tuple[str, bytes, object]], clients: int, n: int):
+    """n requests from `clients` concurrent connections; (requests/s, sorted latencies, answers)."""
+    host, port = url.removeprefix("http://").split(":")
+    latencies, answers = [], {}
+    todo = list(range(n))
+
+    async def client():
+        conn = Connection(*await asyncio.open_connection(host, int(port)), host)
+        while todo:
+            i = todo.pop()
+            path, body, _ = bodies[i % len(bodies)]
+            t = time.perf_counter()
+            status, data = await conn.post(path, body)
+            latencies.append(time.perf_counter() - t)
+            if status != 200:
+                raise RuntimeError(f"{path}: HTTP {status}: {data[:300]!r}")
+            answers[i] = json.loads(data)
+        conn.writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return n / (time.perf_counter() - t0), sorted(latencies), answers
+
+
+def pct(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model directory (default: the small trained model, seed 0)")
+    ap.add_argument("--requests", type=int, default=320)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--reward", action="store_true", help="/get_reward with 8 queries per request")
+    ap.add_argument("--short", action="store_true", help="each exchange cut to the prompt's first 60 characters "
+                    "and the reply's first 120 (about 55 tokens): where a CPU gains most from batching")
+    ap.add_argument("--out", help="default: bench/results/serve_load[-short][-reward].json")
+    args = ap.parse_args()
+    model = args.model or str(tiny_model_dir(0))
+    scorer = Scorer.from_pretrained(model, device="cpu")
+    convs = []
+    for conv in sharegpt_conversations():
+        if args.short:
+            conv = [{"role": m["role"], "content": m["content"][:cut]} for m, cut in zip(conv, (60, 120))]
+        ids = encode_conversation(scorer.tokenizer, conv[:2])
+        if len(ids) <= min(MAX_TOKENS, scorer.max_length):
+            convs.append(conv[:2])
+        if len(convs) == 160:
+            break
+    want = scorer.score(convs)
+    if args.reward:  # the trainer's view: each conversation as the chat template renders it
+        queries = [scorer.tokenizer.apply_chat_template([{"role": "system", "content": ""}, *c], tokenize=False)
+                   for c in convs]
+        bodies = [("/get_reward", json.dumps({"query": queries[k:k + 8]}).encode(), want[k:k + 8])
+                  for k in range(0, len(convs), 8)]
+    else:
+        bodies = [("/v1/score", json.dumps({"messages": c}).encode(), want[k]) for k, c in enumerate(convs)]
+    tokens = sum(len(ids) for ids in scorer.encode(convs)) / len(bodies)
+    print(f"{len(bodies)} distinct requests, {tokens:.0f} tokens each on average ({torch.get_num_threads()} threads)")
+
+    direct = []  # the Scorer itself, one request at a time, no HTTP
+    for k in range(40):
+        k %= len(bodies)
+        t = time.perf_counter()
+        scorer.score(convs[k * 8:k * 8 + 8] if args.reward else [convs[k]])
+        direct.append(time.perf_counter() - t)
+    direct.sort()
+    t = time.perf_counter()
+    scorer.score(convs)  # and all at once: the most batching can give on this machine
+    batched = len(bodies) / (time.perf_counter() - t)
+    print(f"Scorer.score directly, one request at a time: {1 / (sum(direct) / len(direct)):.1f} req/s, "
+          f"p50 {pct(direct, 0.5) * 1000:.0f} ms; all {len(bodies)} in one call: {batched:.1f} req/s")
+
+    proc, url = start(model, args.max_wait_ms)
+    runs = []
+    try:
+        for r in range(args.repeats):
+            for clients in (1, 8, 32, 64):
+                n = args.requests // 4 if clients == 1 else args.requests
+                rps, lat, answers = asyncio.run(load(url, bodies, clients, n))
+                for i, a in answers.items():
+                    expect = bodies[i % len(bodies)][2]
+                    assert (a["rewards"] if args.reward else [a["score"]]) == (expect if args.reward else [expect])
+                runs.append({"repeat": r, "clients": clients, "requests": n, "requests_per_s": rps,
+                             "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000})
+                print(f"repeat {r} clients {clients:>2}: {rps:6.1f} req/s  p50 {runs[-1]['p50_ms']:6.0f} ms  "
+                      f"p99 {runs[-1]['p99_ms']:6.0f} ms", flush=True)
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    merged = {m: float(v) for m, v in re.findall(r"^(worldpm_batched_requests_(?:sum|count)) (\S+)$", metrics, re.M)}
+    best = {c: max(x["requests_per_s"] for x in runs if x["clients"] == c) for c in (1, 8, 32, 64)}
+    ratio = [x["requests_per_s"] / next(y["requests_per_s"] for y in runs if y["clients"] == 1 and
+                                         y["repeat"] == x["repeat"]) for x in runs if x["clients"] == 32]
+    print(f"32 clients vs one at a time (best of each): {best[32] / best[1]:.2f}x; per repeat: "
+          + ", ".join(f"{v:.2f}x" for v in ratio) + " (target >= 3x)")
+    per_round = merged["worldpm_batched_requests_sum"] / merged["worldpm_batched_requests_count"]
+    print(f"requests merged per round, on average: {per_round:.1f}")
+    out = Path(args.out or Path(__file__).parent / "results" / (
+        "serve_load" + "-short" * args.short + "-reward" * args.reward + ".json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "model": model, "endpoint": bodies[0][0], "tokens_per_request": tokens, "max_wait_ms": args.max_wait_ms,
+        "short": args.short, "direct_requests_per_s": 1 / (sum(direct) / len(direct)),
+        "direct_p50_ms": pct(direct, 0.5) * 1000, "direct_all_at_once_requests_per_s": batched,
+        "runs": runs, "ratio_32_vs_1": best[32] / best[1], "ratio_32_vs_1_per_repeat": ratio,
+        "mean_requests_per_round": per_round,
+    }, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
