@@ -328,3 +328,10 @@ def test_the_worker_waits_only_for_requests_on_their_way(scorer):
         assert second.result(30) == [scorer.score([chat("tips", "dark room")])] and rounds == [1, 2]
     finally:
         batcher.close()
+
+
+def test_serve_without_the_extra_says_how_to_install_it(small_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    assert main(["serve", "--model", str(small_dir), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "uvicorn is not installed" in err and "pip install 'worldpm-lite[serve]'" in err

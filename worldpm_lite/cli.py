@@ -271,17 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an HTTP scoring service for RL training loops (OpenRLHF's /get_reward)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Serve the model over HTTP (needs the [serve] extra: pip install "
-                       "'worldpm-lite[serve]').\n"
-                       '  POST /get_reward  {"query": [text, ...], "prompts": [...]} -> {"rewards": [...]}  (OpenRLHF; '
-                       "each query is the\n"
-                       "                    whole templated conversation, not templated again; <|endoftext|> is "
-                       "appended)\n"
+                       "'worldpm-lite[serve]').\n\n"
+                       '  POST /get_reward  {"query": [text, ...], "prompts": [...]} -> {"rewards": [...]}\n'
+                       "                    OpenRLHF's remote reward model: each query is the whole conversation\n"
+                       "                    as the chat template renders it (not templated again; <|endoftext|>\n"
+                       "                    padding at either end dropped, one appended); queries with equal\n"
+                       "                    prompts share their common prefix\n"
                        "  POST /v1/score    score's request objects, one or a list -> its result objects\n"
-                       "  GET  /health      GET /metrics (Prometheus)\n"
-                       "Concurrent requests are merged into batches under the token budget; each caller gets exactly "
-                       "the scores Scorer.score gives (on the CPU; within rounding on GPUs). Bad input: a 4xx JSON "
-                       "error naming the field. A full queue: 503 with Retry-After. SIGTERM or Ctrl-C: no new "
-                       "connections, every request in flight answered, then exit 0.")
+                       "  GET  /health      model, backend, devices, limits, queue\n"
+                       "  GET  /metrics     Prometheus text\n\n"
+                       "Concurrent requests are merged into batches under the token budget; each caller gets\n"
+                       "exactly the scores Scorer.score gives (on the CPU; within rounding on GPUs). Bad input\n"
+                       "gets a 4xx JSON error naming the field; a full queue 503 with Retry-After. SIGTERM or\n"
+                       "Ctrl-C: no new connections, every request in flight answered, then exit 0.\n\n"
+                       "  worldpm-lite serve --model WorldPM-72B-gptq4 --host 0.0.0.0 --port 8000\n"
+                       "  curl -d '{\"prompt\": \"Hi\", \"chosen\": \"Hello!\", \"rejected\": \"Go away.\"}' "
+                       "localhost:8000/v1/score")
     _add_runtime(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only; 0.0.0.0 for every interface)")
