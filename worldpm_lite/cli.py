@@ -67,6 +67,8 @@ def _check_device(args) -> None:
 def cmd_score(args):
     from .stream import score_file, score_settings
 
+    if args.ray:
+        return _score_ray(args)
     if args.resume and not args.output:
         raise UsageError("--resume: needs --output (results on standard output cannot be resumed)")
     scorer = _scorer(args)
@@ -103,6 +105,26 @@ def cmd_serve(args):
           "SIGTERM or Ctrl-C answers the requests in flight, then exits", file=sys.stderr, flush=True)
     run_server(app, sock, log_level=args.log_level, access_log=args.access_log)
     print("worldpm-lite serve: stopped after answering every request in flight", file=sys.stderr)
+
+
+def _score_ray(args):
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UsageError("--ray needs the [ray] extra (ray is not installed): pip install "
+                         "'worldpm-lite[ray]'") from None
+    from .ray import score_dataset
+
+    if not args.output or args.resume:
+        raise UsageError("--ray: needs --output (a .jsonl or .parquet file) and does not take --resume")
+    if args.workers < 1 or args.cpus_per_worker < 0 or args.gpus_per_worker < 0:
+        raise UsageError("--workers: expected at least 1; --cpus-per-worker, --gpus-per-worker: at least 0")
+    scorer_args = _scorer_args(args) | {"quant": args.quant}
+    if args.cpus_per_worker >= 1:
+        scorer_args["threads"] = int(args.cpus_per_worker)
+    n = score_dataset(args.input, args.output, args.model, args.workers, args.ray_address, args.gpus_per_worker,
+                      args.cpus_per_worker, scorer_args=scorer_args, log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {n} results to {args.output}", file=sys.stderr)
 
 
 def cmd_selfcheck(args):
@@ -266,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "as they come to .OUTPUT.partial, renamed to OUTPUT when every line is scored")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last recorded line "
                    "(same model and options; ends byte-identical to an uninterrupted run)")
+    p.add_argument("--ray", action="store_true", help="score with Ray Data on --workers actors, each holding the "
+                   "model (needs the [ray] extra). --input: JSONL, or Parquet (a .parquet file or a folder); "
+                   "--output: .jsonl or .parquet, rows in input order, ids kept")
+    p.add_argument("--ray-address", help="with --ray: a running cluster (e.g. ray://head:10001 or auto; default: "
+                   "start a local one on this machine)")
+    p.add_argument("--workers", type=int, default=1, help="with --ray: actors, each loading the model (default: 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="with --ray: GPUs per actor (2 for 4-bit "
+                   "WorldPM-72B on 2 x 24 GB; default: 0, the CPU)")
+    p.add_argument("--cpus-per-worker", type=float, default=1, help="with --ray: CPUs per actor, also its torch "
+                   "threads (default: 1)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("serve", help="an HTTP scoring service for RL training loops (OpenRLHF's /get_reward)",
@@ -398,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"worldpm-lite: error: --{flag.replace('_', '-')} must be a positive integer", file=sys.stderr)
             return 2
     try:
-        if hasattr(args, "device"):
+        if hasattr(args, "device") and not getattr(args, "ray", False):  # --ray: each worker resolves its own
             _check_device(args)
         return args.func(args) or 0
     except (CheckpointError, ConversationError, UsageError, FileExistsError, FileNotFoundError,
