@@ -104,6 +104,14 @@ class Ranking:
         return self.order[0]
 
 
+def in_text_order(order: list[int], group_scores: list[list[float]]) -> list[float]:
+    """Scores of Scorer.text_groups' groups (one list per group) back in the order of its texts."""
+    scores = [0.0] * len(order)
+    for n, s in zip(order, (s for group in group_scores for s in group)):
+        scores[n] = s
+    return scores
+
+
 def plan_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     """Indices grouped into batches, longest first, each at most token_budget padded tokens
     (a sequence longer than the budget gets a batch of its own)."""
@@ -337,10 +345,7 @@ class Scorer:
         it, as RL trainers send it: see chat.encode_text), in input order. With `prompts` (one per
         text), texts with equal prompts share their common leading tokens' computation."""
         groups, order = self.text_groups(texts, prompts)
-        scores = [0.0] * len(order)
-        for n, s in zip(order, (s for g in self.score_groups(groups) for s in g)):
-            scores[n] = s
-        return scores
+        return in_text_order(order, self.score_groups(groups))
 
     def compare(self, prompt, response_a: str, response_b: str) -> Comparison:
         """Score two responses to the same prompt (a string or a list of prior messages)."""

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .batcher import Batcher, Closed, QueueFull
 from .chat import ConversationError
 from .data import parse_request
-from .scorer import ConversationTooLong, NonFiniteScore
+from .scorer import ConversationTooLong, NonFiniteScore, in_text_order
 
 MAX_ITEMS = 512  # conversations (or queries) per HTTP request
 MAX_BODY = 64 << 20  # bytes
@@ -111,10 +111,7 @@ def prepare_reward(scorer, body: bytes, max_items: int):
         raise HTTPError(422, str(e)) from None
 
     def finish(scores):
-        rewards = [0.0] * len(queries)
-        for n, s in zip(order, (s for group in scores for s in group)):
-            rewards[n] = s
-        return {"rewards": rewards}
+        return {"rewards": in_text_order(order, scores)}
 
     return groups, finish
 
