@@ -47,10 +47,10 @@ class Job:
     groups: list[Group]
     future: Future = field(default_factory=Future)
     scores: dict = field(default_factory=dict)  # group index in the job -> scores
+    work: int = field(init=False)  # tokens the model runs for it
 
-    @property
-    def work(self) -> int:
-        return sum(g.work for g in self.groups)
+    def __post_init__(self):
+        self.work = sum(g.work for g in self.groups)
 
 
 class Batcher:
@@ -144,7 +144,7 @@ class Batcher:
     def _round(self, jobs: list[Job]) -> list[Job]:
         """Score the jobs' groups; returns the jobs to run again (after a bad request was taken out)."""
         owner = [(job, n) for job in jobs for n in range(len(job.groups))]
-        t0, work = time.monotonic(), 0
+        t0 = time.monotonic()
         try:
             for step in self.scorer.run(g for job in jobs for g in job.groups):
                 for g, scores in step.results:
@@ -152,7 +152,6 @@ class Batcher:
                     job.scores[n] = scores
                     if len(job.scores) == len(job.groups):
                         job.future.set_result([job.scores[i] for i in range(len(job.groups))])
-                work += sum(owner[g][0].groups[owner[g][1]].work for g, _ in step.results)
                 if self.on_step is not None:
                     self.on_step(step, len(jobs))
         except NonFiniteScore as e:  # the model's fault, shown to the request that met it; the rest go again
@@ -167,7 +166,7 @@ class Batcher:
                 if not j.future.done():
                     j.future.set_exception(e)
             return []
-        seconds = time.monotonic() - t0
+        seconds, work = time.monotonic() - t0, sum(j.work for j in jobs)  # every group of the round is done
         if seconds > 0 and work:
             self._rate = work / seconds if self._rate == 0 else 0.8 * self._rate + 0.2 * work / seconds
         return []
