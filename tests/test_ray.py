@@ -106,7 +106,8 @@ def test_bad_rows_and_options_are_clear_errors(cluster, small_dir, tmp_path, cap
     assert main(["score", "--ray", "--model", str(small_dir), "--input", str(bad), "--output",
                  str(tmp_path / "o.jsonl"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "the last message must be the assistant's reply" in err and not (tmp_path / "o.jsonl").exists()
+    assert "the row with id 1: messages: the last message must be the assistant's reply" in err
+    assert not (tmp_path / "o.jsonl").exists()
     assert main(["score", "--ray", "--model", str(small_dir), "--input", str(bad), "--output",
                  str(tmp_path / "o.csv")]) == 2
     assert "expected a .jsonl or .parquet file name" in capsys.readouterr().err

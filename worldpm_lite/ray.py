@@ -49,14 +49,14 @@ class ScoreBatch:
         rows = batch.column("text").to_pylist() if "text" in batch.column_names else batch.to_pylist()
         requests, groups = [], []
         for row in rows:
-            where = "line" if isinstance(row, str) else "row"
+            where, obj = ("line" if isinstance(row, str) else "row"), None
             try:
                 obj = json.loads(row) if isinstance(row, str) else {k: v for k, v in row.items() if v is not None}
                 r = parse_request(obj, where)
                 requests.append(r)
                 groups.append(self.scorer.group(r.conversations, r.prompt, f"{where} conversation"))
             except ValueError as e:  # JSONDecodeError, ConversationError, ConversationTooLong
-                raise RequestError(f"{_describe(row)}: {e}") from None
+                raise RequestError(f"{_describe(row if obj is None else obj)}: {e}") from None
         scores = self.scorer.score_groups(groups)
         return {"result": [json.dumps(r.result(s), ensure_ascii=False) for r, s in zip(requests, scores)]}
 
