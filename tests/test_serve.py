@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,20 +44,27 @@ def templated(conv: list[dict]) -> str:
 
 
 @contextlib.contextmanager
-def running(app):
-    """The app under uvicorn on a free 127.0.0.1 port, in a thread; yields its URL."""
+def serving(app):
+    """The app under uvicorn on a free 127.0.0.1 port, in a thread; yields its URL and the server."""
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 120
     while not server.started:
-        assert thread.is_alive(), "the server did not start"
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextlib.contextmanager
+def running(app):
+    with serving(app) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -246,9 +254,33 @@ def test_port_in_use_is_a_clear_error(small_dir, capsys):
     assert "cannot listen there" in capsys.readouterr().err
 
 
-def test_sigterm_answers_requests_in_flight_then_exits(small_dir, scorer):
-    proc = subprocess.Popen([sys.executable, "-m", "worldpm_lite", "serve", "--model", str(small_dir), "--device",
-                             "cpu", "--port", "0"], stderr=subprocess.PIPE, text=True,
+# The service in a subprocess whose model waits for a file before its first batch: the test decides
+# when scoring may start, so every request can be in flight when SIGTERM arrives, however slow the machine.
+HELD_SERVE = r"""
+import os, sys, threading
+from worldpm_lite.cli import main
+from worldpm_lite.scorer import Scorer
+
+release, run = sys.argv[1], Scorer.run
+released = threading.Event()
+
+def held(self, groups):
+    while not released.wait(0.01):
+        if os.path.exists(release):
+            released.set()
+    yield from run(self, groups)
+
+Scorer.run = held
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_answers_requests_in_flight_then_exits(small_dir, scorer, tmp_path):
+    """What the service promises on SIGTERM: every request it accepted before the signal gets its
+    full 200 answer, a connection attempted after it is refused, and the process exits 0."""
+    release = tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, "-c", HELD_SERVE, str(release), "serve", "--model", str(small_dir),
+                             "--device", "cpu", "--port", "0"], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         for line in proc.stderr:
@@ -259,30 +291,45 @@ def test_sigterm_answers_requests_in_flight_then_exits(small_dir, scorer):
             pytest.fail("the server did not start")
         rng = random.Random(3)
         convs = [chat(text(rng, 5, 15), text(rng, 20, 40)) for _ in range(32)]
-        done: dict = {}
+        clients = 48
+        outcome: dict = {}  # client -> ("answer", response, when) or ("error", exception)
 
         def post(i):
-            r = httpx.post(f"{u}/v1/score", json=[{"messages": c} for c in convs], timeout=120)
-            done[i] = (r, time.monotonic())
-        threads = [threading.Thread(target=post, args=(i,)) for i in range(48)]
+            try:
+                r = httpx.post(f"{u}/v1/score", json=[{"messages": c} for c in convs], timeout=300)
+                outcome[i] = ("answer", r, time.monotonic())
+            except Exception as e:  # noqa: BLE001 - recorded and asserted on below, never lost in a thread
+                outcome[i] = ("error", e)
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(clients)]
         for t in threads:
             t.start()
-        deadline = time.time() + 60
-        while metric_values(httpx.get(f"{u}/metrics").text)["worldpm_in_flight_requests"] < 24:
-            assert time.time() < deadline
+        # The event the signal waits for: every request accepted and in flight (none can finish yet).
+        deadline = time.monotonic() + 120
+        while metric_values(httpx.get(f"{u}/metrics").text)["worldpm_in_flight_requests"] < clients:
+            assert time.monotonic() < deadline, "the requests did not all reach the server"
+            assert not outcome, outcome  # nothing may fail or finish while the model is held
             time.sleep(0.01)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{u}/health")  # no new connections while draining
+        deadline = time.monotonic() + 60
+        while True:  # the listener closes once the signal is handled; until then /health still answers
+            try:
+                httpx.get(f"{u}/health", timeout=10)
+            except httpx.ConnectError:
+                break  # a connection after the signal: refused
+            assert time.monotonic() < deadline, "still accepting connections 60 s after SIGTERM"
+            time.sleep(0.01)
+        assert not outcome  # the accepted requests are still waiting for the model, not dropped
+        release.write_text("go")
         for t in threads:
-            t.join(120)
-        assert [done[i][0].status_code for i in range(48)] == [200] * 48
+            t.join(300)
+        assert not any(t.is_alive() for t in threads)
+        assert {i: o[1] for i, o in outcome.items() if o[0] == "error"} == {}
+        assert [outcome[i][1].status_code for i in range(clients)] == [200] * clients
+        assert all(outcome[i][2] > signalled for i in range(clients))  # every one answered while draining
         want = scorer.score(convs)
-        assert all([x["score"] for x in done[i][0].json()] == want for i in range(48))
-        assert sum(at > signalled for _, at in done.values()) >= 8  # answered while draining
-        assert proc.wait(60) == 0
+        assert all([x["score"] for x in outcome[i][1].json()] == want for i in range(clients))
+        assert proc.wait(120) == 0
         assert "stopped after answering every request in flight" in proc.stderr.read()
     finally:
         proc.kill()
@@ -299,33 +346,35 @@ def test_score_texts_reads_templated_text_as_the_template_makes_it(scorer):
     assert order == [0, 2, 1] and groups[0].prompt is not None and groups[1].prompt is None
 
 
-def test_keep_alive_responses_are_not_held_by_nagle(url):
+def test_keep_alive_responses_are_not_held_by_nagle(scorer):
     """Without TCP_NODELAY on the accepted sockets, each keep-alive response waited ~40 ms for the
-    client's delayed ACK (measured: 44 ms per /health; 1.5 ms with it)."""
-    with httpx.Client(base_url=url) as c:
-        c.get("/health")
-        times = []
-        for _ in range(15):
-            t = time.perf_counter()
-            c.get("/health")
-            times.append(time.perf_counter() - t)
-    assert sorted(times)[7] < 0.025, times
+    client's delayed ACK (measured: 44 ms per /health; 1.5 ms with it). Checked as the socket option
+    itself on the server's side of a live keep-alive connection, not as a latency."""
+    with serving(create_app(scorer)) as (url, server), httpx.Client(base_url=url) as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/health").status_code == 200  # the same connection, kept alive
+        accepted = [conn.transport.get_extra_info("socket") for conn in server.server_state.connections]
+        assert len(accepted) == 1
+        assert accepted[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 def test_the_worker_waits_only_for_requests_on_their_way(scorer):
     rounds = []
-    batcher = Batcher(scorer, max_wait=5.0, on_step=lambda step, requests: rounds.append(requests))
+    batcher = Batcher(scorer, max_wait=120.0, on_step=lambda step, requests: rounds.append(requests))
     a, b = (scorer.group([chat("tips", r)]) for r in ("keep a schedule", "dark room"))
     try:
         t = time.monotonic()
-        batcher.submit([a]).result(30)  # a lone caller: nobody announced, so no 5 s wait
-        assert time.monotonic() - t < 2.5 and rounds == [1]
+        batcher.submit([a]).result(300)  # a lone caller: nobody announced, so no 120 s wait
+        assert time.monotonic() - t < 60 and rounds == [1]
         with batcher.coming():  # b is being read: the worker holds a's round for it
             first = batcher.submit([a])
-            time.sleep(0.2)
+            deadline = time.monotonic() + 60
+            while not first.running():  # the worker has taken a's request into its round
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
             second = batcher.submit([b])
-        assert first.result(30) == [scorer.score([chat("tips", "keep a schedule")])]
-        assert second.result(30) == [scorer.score([chat("tips", "dark room")])] and rounds == [1, 2]
+        assert first.result(300) == [scorer.score([chat("tips", "keep a schedule")])]
+        assert second.result(300) == [scorer.score([chat("tips", "dark room")])] and rounds == [1, 2]
     finally:
         batcher.close()
 
