@@ -74,3 +74,18 @@ def tiny_heldout(tiny_dir):
     from worldpm_lite.tiny import heldout_pairs
 
     return heldout_pairs(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the whole run: starting one costs about 5 s.
+
+    Ray starts its workers at nice 15. Beside any other busy process (another test run, a CI
+    neighbour) they then get a few percent of a core, and a 10 s test took many minutes, so
+    this cluster's workers run at the same priority as the test itself."""
+    import ray  # the [ray] extra, part of [test]
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _system_config={"worker_niceness": 0})
+    yield
+    ray.shutdown()

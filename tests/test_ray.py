@@ -9,7 +9,6 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray  # the [ray] extra, part of [test]
 
 from worldpm_lite.cli import main
 from worldpm_lite.ray import ScoreBatch, score_dataset
@@ -17,13 +16,6 @@ from worldpm_lite.scorer import Scorer
 from worldpm_lite.stream import score_file, score_settings
 
 WORDS = "sleep tea walk early screen light dark cool room habit week rest quiet mind body read".split()
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +49,7 @@ def single(small_dir, requests, tmp_path_factory):
     return src, (d / "single.jsonl").read_bytes()
 
 
-def test_two_workers_write_exactly_what_one_process_does(cluster, small_dir, single, tmp_path):
+def test_two_workers_write_exactly_what_one_process_does(ray_cluster, small_dir, single, tmp_path):
     src, want = single
     n = score_dataset(str(src), str(tmp_path / "out.jsonl"), str(small_dir), workers=2, batch_rows=7,
                       scorer_args={"device": "cpu", "threads": 1}, log=lambda m: None)
@@ -65,7 +57,7 @@ def test_two_workers_write_exactly_what_one_process_does(cluster, small_dir, sin
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_parquet_in_and_out_keep_ids_and_scores(cluster, small_dir, requests, single, tmp_path):
+def test_parquet_in_and_out_keep_ids_and_scores(ray_cluster, small_dir, requests, single, tmp_path):
     src = tmp_path / "in.parquet"
     keys = ("id", "messages", "prompt", "chosen", "rejected", "responses")  # a column per field, null where unused
     pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in requests]), src)
@@ -79,7 +71,7 @@ def test_parquet_in_and_out_keep_ids_and_scores(cluster, small_dir, requests, si
                                                                     for k, v in w.items()}
 
 
-def test_a_worker_that_dies_mid_job_is_restarted_and_no_row_is_lost_or_repeated(cluster, small_dir, single,
+def test_a_worker_that_dies_mid_job_is_restarted_and_no_row_is_lost_or_repeated(ray_cluster, small_dir, single,
                                                                                   tmp_path):
     marker = tmp_path / "died"
 
@@ -100,7 +92,7 @@ def test_a_worker_that_dies_mid_job_is_restarted_and_no_row_is_lost_or_repeated(
     assert (tmp_path / "out.jsonl").read_bytes() == want
 
 
-def test_bad_rows_and_options_are_clear_errors(cluster, small_dir, tmp_path, capsys):
+def test_bad_rows_and_options_are_clear_errors(ray_cluster, small_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "messages": [{"role": "user", "content": "hi"}]}\n')
     assert main(["score", "--ray", "--model", str(small_dir), "--input", str(bad), "--output",

@@ -86,8 +86,11 @@ def score_dataset(input: str, output: str, model: str, workers: int, address: st
     if out.exists():
         raise FileExistsError(f"--output {output}: already exists (delete it to score again)")
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        # A cluster started here exists only for this job: its workers run at our priority, not at
+        # Ray's default nice 15, which starves them beside any other busy process on the machine
+        local = address is None and not os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 **({"_system_config": {"worker_niceness": 0}} if local else {}))
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus_per_worker and workers * cpus_per_worker > cpus - 1:
         # Ray Data's file listing and reading need CPU slots too; workers holding every slot would wait forever
