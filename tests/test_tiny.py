@@ -24,9 +24,10 @@ def test_saved_model_reproduces_reported_heldout_accuracy(tiny_dir, tiny_heldout
     held = tiny_heldout
     assert len(held) == report["heldout_pairs"]
     scorer = Scorer.from_pretrained(tiny_dir)
-    assert [p.chosen_ids for p in held[:5]] == scorer.encode([[{"role": "user", "content": p.prompt},
-                                                                {"role": "assistant", "content": p.chosen}]
-                                                               for p in held[:5]])
+    # the pairs come from the cache (heldout_pairs): their ids are what the checkpoint's tokenizer gives now
+    assert [ids for p in held for ids in (p.chosen_ids, p.rejected_ids)] == scorer.encode(
+        [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": r}]
+         for p in held for r in (p.chosen, p.rejected)])
     scores = scorer.score_ids([ids for p in held for ids in (p.chosen_ids, p.rejected_ids)])
     acc = sum(scores[2 * k] > scores[2 * k + 1] for k in range(len(held))) / len(held)
     assert abs(acc - report["heldout"]["pairwise_accuracy"]) < 0.01

@@ -43,7 +43,8 @@ def run_demo(seed: int = 0, log=print):
     for k, label in enumerate(("helpful three-tip answer", "'just try sleeping earlier or take some pills...'")):
         print("  " + "".join(f"{readme[n][k]:+8.3f}" for n in variants) + f"  {label}")
 
-    readable = [p for p in heldout_pairs(path) if 25 <= len(p.prompt) <= 120 and p.prompt.isascii()]
+    all_pairs = heldout_pairs(path)
+    readable = [p for p in all_pairs if 25 <= len(p.prompt) <= 120 and p.prompt.isascii()]
     pairs = [p for kind in REJECTION_KINDS for p in [q for q in readable if q.kind == kind][:ROWS_PER_KIND]]
     convs = [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": r}]
              for p in pairs for r in (p.chosen, p.rejected)]
@@ -62,7 +63,6 @@ def run_demo(seed: int = 0, log=print):
         print(f"  {n:>5}: real reply preferred in {wins}/{len(pairs)}; same choice as bf16 in {agree}/{len(pairs)}; "
               f"largest score change vs bf16 {drift:.3f}")
 
-    all_pairs = heldout_pairs(path)
     requests = [parse_request({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) for p in all_pairs]
     seqs = [ids for p in all_pairs for ids in (p.chosen_ids, p.rejected_ids)]
     held = {n: np.array(s.score_ids(seqs)) for n, s in scorers.items()}
