@@ -20,7 +20,7 @@ from worldpm_lite.instrument import (
     permuted_hessian,
 )
 from worldpm_lite.scorer import Scorer
-from worldpm_lite.tiny import TINY_QUANT, tiny_quantized_dir
+from worldpm_lite.tiny import TINY_QUANT, cached_variant, tiny_quantized_dir
 
 LAYER_PAIRS = 100  # held-out pairs (200 conversations) for the per-layer errors
 
@@ -118,7 +118,27 @@ def heldout_file(tmp_path_factory, tiny_heldout):
     return path
 
 
-def test_fidelity_gates_on_the_small_model(tmp_path, tiny_dir, heldout_file, tiny_heldout, ci_notes):
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    return Scorer.from_pretrained(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def layer_seqs(tiny_heldout):
+    """The conversations of the first LAYER_PAIRS held-out pairs: the per-layer errors' data."""
+    return [ids for p in tiny_heldout[:LAYER_PAIRS] for ids in (p.chosen_ids, p.rejected_ids)]
+
+
+@pytest.fixture(scope="module")
+def rtn4_layers(reference, layer_seqs):
+    """4-bit round-to-nearest's held-out error per layer (the `quantize --method rtn` checkpoint):
+    what GPTQ must halve, and what the negative controls must not."""
+    return layer_errors(reference.model, Scorer.from_pretrained(tiny_quantized_dir(4, method="rtn"),
+                                                                device="cpu").model, layer_seqs)
+
+
+def test_fidelity_gates_on_the_small_model(tmp_path, tiny_dir, heldout_file, reference, layer_seqs, rtn4_layers,
+                                           ci_notes):
     """The CI gates (worldpm_lite/instrument.py) on the real `quantize` output: 8-bit and 4-bit GPTQ
     against the bf16 model on its 500 held-out pairs, and GPTQ's held-out error per layer against
     round-to-nearest's at 4 bits."""
@@ -131,10 +151,8 @@ def test_fidelity_gates_on_the_small_model(tmp_path, tiny_dir, heldout_file, tin
     report = json.loads((out / "report.json").read_text())
     m = dict(zip(cands, (c["metrics"] for c in report["candidates"])))
     assert report["pairs"] >= 490 and report["reference_label_accuracy"] >= 0.74  # the instrument has resolution
-    reference = Scorer.from_pretrained(tiny_dir, device="cpu").model
-    seqs = [ids for p in tiny_heldout[:LAYER_PAIRS] for ids in (p.chosen_ids, p.rejected_ids)]
-    layers = {k: layer_errors(reference, Scorer.from_pretrained(cands[k], device="cpu").model, seqs)
-              for k in ("gptq4", "rtn4")}
+    layers = {"gptq4": layer_errors(reference.model, Scorer.from_pretrained(cands["gptq4"], device="cpu").model,
+                                    layer_seqs), "rtn4": rtn4_layers}
     ci_notes.append(f"gates on {tiny_dir.name}: reference label accuracy {report['reference_label_accuracy']:.3f}, "
                     f"score std {m['gptq4']['reference_std']:.3f}")
     for k in cands:
@@ -146,25 +164,27 @@ def test_fidelity_gates_on_the_small_model(tmp_path, tiny_dir, heldout_file, tin
     assert layer_gate_failures(layers["gptq4"], layers["rtn4"]) == []
 
 
-def test_gates_fail_a_clearly_worse_quantizer(tmp_path, tiny_dir, tiny_heldout, ci_notes):
+def test_gates_fail_a_clearly_worse_quantizer(tiny_dir, tiny_heldout, reference, layer_seqs, rtn4_layers,
+                                              ci_notes):
     """Negative controls through the same gates: 3-bit round-to-nearest, and 4-bit GPTQ fed a
     permuted Hessian (the true one's spectrum, the wrong correlations). A gate that can no longer
     fail them measures nothing."""
-    reference = Scorer.from_pretrained(tiny_dir, device="cpu")
     calibration = builtin_calibration(reference.tokenizer, **TINY_QUANT)
     requests = [parse_request({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) for p in tiny_heldout]
     seqs = [ids for p in tiny_heldout for ids in (p.chosen_ids, p.rejected_ids)]
     ref = np.array(reference.score_ids(seqs))
-    controls = {"rtn3": dict(bits=3, method="rtn"), "rtn4": dict(bits=4, method="rtn"),
-                "gptq4-permuted-hessian": dict(bits=4, hessian_transform=permuted_hessian()),
+    controls = {"rtn3": dict(bits=3, method="rtn"), "gptq4-permuted-hessian": dict(bits=4,
+                                                                                 hessian_transform=permuted_hessian()),
                 "rtn8": dict(bits=8, method="rtn")}
-    metrics, layers = {}, {}
+    metrics, caught = {}, {}
     for name, args in controls.items():
-        model = Scorer.from_pretrained(dense_variant(tiny_dir, tmp_path / name, calibration, **args), device="cpu")
+        path = cached_variant(tiny_dir, f"control-{name}",
+                              lambda out, args=args: dense_variant(tiny_dir, out, calibration, **args))
+        model = Scorer.from_pretrained(path, device="cpu")
         metrics[name] = compare(ref, np.array(model.score_ids(seqs)), requests, margin=0.5)
-        layers[name] = layer_errors(reference.model, model.model, seqs[: 2 * LAYER_PAIRS])
-    caught = {name: (gate_failures(metrics[name], GATES_8BIT), layer_gate_failures(layers[name], layers["rtn4"]))
-              for name in ("rtn3", "gptq4-permuted-hessian")}
+        if name != "rtn8":  # rtn8 is the positive control of the score gates only
+            caught[name] = (gate_failures(metrics[name], GATES_8BIT),
+                            layer_gate_failures(layer_errors(reference.model, model.model, layer_seqs), rtn4_layers))
     for name, (as_8bit, as_gptq) in caught.items():
         ci_notes.append(f"  control {name}: fails " + "; ".join(as_8bit + as_gptq))
         assert as_gptq, f"{name} passes the GPTQ-vs-RTN layer gate"  # measured 4.7-5.0x and 1.16-1.39x RTN's error

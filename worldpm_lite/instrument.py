@@ -60,25 +60,36 @@ def dense_variant(src_dir: str | Path, out_dir: str | Path, calibration: list[li
 
 
 @torch.inference_mode()
-def layer_errors(reference: WorldPM, candidate: WorldPM, sequences: list[list[int]]) -> list[float]:
+def layer_errors(reference: WorldPM, candidate: WorldPM, sequences: list[list[int]], batch: int = 32) -> list[float]:
     """Held-out output error of each decoder layer of `candidate` relative to what the layer adds:
     sum ||cand_i(x) - ref_i(x)||^2 / sum ||ref_i(x) - x||^2 over every token, where x is the
-    reference's input to layer i (so errors do not compound from layer to layer)."""
+    reference's input to layer i (so errors do not compound from layer to layer).
+
+    Sequences of similar length run together, right-padded: attention is causal, so padding never
+    reaches a real token, and padded positions are left out of both sums."""
     n = len(reference.model.layers)
     err, size = np.zeros(n), np.zeros(n)
-    for ids in sequences:
-        x = reference.model.embed_tokens(torch.tensor([ids], device=reference.input_device))  # [1, T, h]
-        pos = torch.arange(len(ids), device=x.device).unsqueeze(0)
+    order = sorted(range(len(sequences)), key=lambda k: len(sequences[k]))
+    for start in range(0, len(order), batch):
+        seqs = [sequences[k] for k in order[start: start + batch]]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        real = torch.zeros(len(seqs), width, 1, dtype=torch.bool)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            real[r, : len(s)] = True
+        x = reference.model.embed_tokens(ids.to(reference.input_device))  # [B, T, h]
+        real = real.to(x.device)
+        pos = torch.arange(width, device=x.device).unsqueeze(0)
         rope = reference.model.rotary_emb(x, pos)
         for i, (ref, cand) in enumerate(zip(reference.model.layers, candidate.model.layers)):
             y = ref(x, attention_mask=None, position_ids=pos, position_embeddings=rope)
             y_cand = cand(x.to(cand.input_layernorm.weight.dtype), attention_mask=None, position_ids=pos,
                           position_embeddings=rope)
-            err[i] += (y_cand.float() - y.float()).pow(2).sum().item()
-            size[i] += (y.float() - x.float()).pow(2).sum().item()
+            err[i] += ((y_cand.float() - y.float()) * real).pow(2).sum().item()
+            size[i] += ((y.float() - x.float()) * real).pow(2).sum().item()
             x = y
     return (err / size).tolist()
-
 
 
 # The CI gates, set from bench/tiny_robustness.py (six small models: seeds 0-2, 1 vs 2 threads, a

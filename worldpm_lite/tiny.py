@@ -16,6 +16,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -288,18 +289,48 @@ def make_tiny(out: str | Path, seed: int = 0, log=print, train_cfg: TrainConfig 
 TINY_QUANT = {"samples": 64, "seq_len": 256}  # calibration for the small model's quantized variants
 
 
+# The code that decides a quantized variant's bytes (the quantize and kernels packages, and what
+# they read with): variants are kept per version of it, so a gate never measures an older quantizer.
+QUANTIZER_CODE = ("worldpm_lite.quantize", "worldpm_lite.kernels")
+QUANTIZER_MODULES = ("checkpoint.py", "chat.py", "data.py", "model.py", "devices.py", "instrument.py")
+
+
+def quantizer_version() -> str:
+    """A short hash of the quantizer's source files."""
+    from importlib.util import find_spec
+
+    files = [f for pkg in QUANTIZER_CODE for d in find_spec(pkg).submodule_search_locations
+             for f in sorted(Path(d).glob("*.py"))] + [Path(__file__).with_name(m) for m in QUANTIZER_MODULES]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def cached_variant(src: Path, label: str, build: Callable[[Path], object], log=print) -> Path:
+    """`src`'s variant `label` (e.g. "gptq4"), made by build(path) on first use and kept for this
+    quantizer version; copies made by other versions of the code are removed once it exists."""
+    path = src.with_name(f"{src.name}-{label}-q{quantizer_version()}")
+    if not (path / "config.json").exists():
+        log(f"building {label} of the small model once into {path}")
+        build(path)
+        for old in src.parent.iterdir():
+            if old != path and (old.name == f"{src.name}-{label}" or old.name.startswith(f"{src.name}-{label}-q")):
+                shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
 def tiny_quantized_dir(bits: int, seed: int = 0, log=print, method: str = "gptq") -> Path:
     """The small model quantized to `bits` (group 128, symmetric) with GPTQ or, as the baseline,
-    round-to-nearest; built on first use."""
+    round-to-nearest; built on first use with the quantizer as it is now."""
     from .quantize.run import QuantizeSettings, quantize_checkpoint
 
-    src = tiny_model_dir(seed, log=log)
-    path = src.with_name(f"{src.name}-{method}{bits}")
-    if not (path / "config.json").exists():
-        log(f"quantizing the small model to {bits} bits ({method}) once into {path}")
+    def build(path: Path):
         quantize_checkpoint(src, path, QuantizeSettings(bits=bits, method=method, **TINY_QUANT), overwrite=True,
                             resume=path.with_name(f".{path.name}.partial").exists(), log=log)
-    return path
+
+    src = tiny_model_dir(seed, log=log)
+    return cached_variant(src, f"{method}{bits}", build, log)
 
 
 def tiny_model_dir(seed: int = 0, log=print) -> Path:
