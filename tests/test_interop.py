@@ -31,7 +31,8 @@ for path in sys.argv[1:]:  # several checkpoints, one import of GPTQModel
             with torch.no_grad():
                 ref = x @ w.T + (mod.bias.float() if mod.bias is not None else 0)
                 linear_err = max(linear_err, ((mod(x).float() - ref).abs().max() / ref.abs().max()).item())
-    conv = [{"role": "user", "content": "Tips for better sleep?"}, {"role": "assistant", "content": "A dark, cool room."}]
+    conv = [{"role": "user", "content": "Tips for better sleep?"},
+            {"role": "assistant", "content": "A dark, cool room."}]
     ids = torch.tensor([ours.encode([conv])[0]])
     with torch.no_grad():
         h_theirs = theirs(input_ids=ids).last_hidden_state.float()
