@@ -9,7 +9,8 @@ from worldpm_lite.checkpoint import Checkpoint, GPTQSpec
 from worldpm_lite.cli import main
 from worldpm_lite.devices import check_device
 from worldpm_lite.model import WorldPM, device_for, meta_model, read_weight
-from worldpm_lite.plan import GIB, activation_reserve, auto_device_map, parse_size, placement_units, plan
+from worldpm_lite.offload_plan import auto_placement
+from worldpm_lite.plan import GIB, activation_reserve, gpu_capacity, parse_size, placement_units, plan
 from worldpm_lite.qlinear import GPTQLinear, pick_backend
 from worldpm_lite.scorer import Scorer
 
@@ -137,6 +138,10 @@ def test_parse_size():
             parse_size(bad)
 
 
+def auto_device_map(ckpt, dtype, gpus, tokens):
+    return auto_placement(ckpt, dtype, gpu_capacity(gpus), tokens, offload=False).device_map
+
+
 def _sizes(small_dir):
     """bf16 bytes of the small checkpoint: total, embeddings, norm + head, and the reserve for 64 tokens."""
     ckpt = Checkpoint(small_dir)
@@ -211,7 +216,8 @@ def test_plan_worldpm_72b_fits_two_24gb_gpus_only_at_4_bits(capsys):
     # balanced: 37 + 43 layers, 2.49 and 2.14 GiB headroom (accelerate's greedy fill: 41 + 39, 0.79 and 3.84)
     assert "GPTQ 4-bit" in out and "fits: 2 GPU(s), smallest headroom 2.14 GiB" in out
     assert "| 0 | 24.0 GiB | 0-36 (37) + embed_tokens |" in out and "| 1 | 24.0 GiB | 37-79 (43) + norm, score |" in out
-    assert main(["plan", "--model", "worldpm-72b", "--gpus", "24GiB,24GiB", "--bits", "8"]) == 1
+    assert main(["plan", "--model", "worldpm-72b", "--gpus", "24GiB,24GiB", "--bits", "8", "--host-memory",
+                 "16GiB"]) == 1
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "4x24GiB" in out and "--bits 4" in out
     p = plan(plan_config(), None, [80 * GIB, 80 * GIB], 8192)  # bf16 on 2 x 80 GB, as WorldPM's README says

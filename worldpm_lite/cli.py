@@ -40,12 +40,28 @@ def _gpu_sizes(text: str, flag: str) -> dict[int, int]:
         raise UsageError(f"{flag}: {e}") from None
 
 
-def _scorer_args(args) -> dict:
-    """Scorer.from_pretrained keyword arguments from the options of _add_compute."""
-    return dict(device=args.device, dtype=args.dtype, backend=args.backend, token_budget=args.token_budget,
-                max_memory=_gpu_sizes(args.max_memory, "--max-memory") if args.max_memory else None,
-                truncation="left" if args.truncate else "error", packing=not args.no_packing,
-                share_prompts=not args.no_shared_prompts, pipeline=not args.no_pipeline)
+def _scorer_args(args, log: bool = True) -> dict:
+    """Scorer.from_pretrained keyword arguments from the options of _add_compute (log: say where the
+    layers go on stderr, with the device line, when the device is auto)."""
+    from .devices import describe
+
+    out = dict(device=args.device, dtype=args.dtype, backend=args.backend, token_budget=args.token_budget,
+               max_memory=_gpu_sizes(args.max_memory, "--max-memory") if args.max_memory else None,
+               truncation="left" if args.truncate else "error", packing=not args.no_packing,
+               share_prompts=not args.no_shared_prompts, pipeline=not args.no_pipeline,
+               offload={"auto": None, "on": True, "off": False}[args.offload], host_memory=_host_memory(args))
+    if log and args.device == "auto":
+        out["log"] = lambda summary: print(f"{describe('auto')}: {summary}", file=sys.stderr)
+    return out
+
+
+def _host_memory(args) -> int | None:
+    from .plan import parse_size
+
+    try:
+        return parse_size(args.host_memory) if getattr(args, "host_memory", None) else None
+    except ValueError as e:
+        raise UsageError(f"--host-memory: {e}") from None
 
 
 def _scorer(args):
@@ -57,11 +73,13 @@ def _scorer(args):
 
 
 def _check_device(args) -> None:
-    """Resolve --device (auto: the GPUs when any is visible, else the CPU) and say which, before any work."""
+    """Resolve --device (auto: the GPUs when any is visible, else the CPU) and say which, before any work
+    (for a command that places layers on GPUs, the line comes with the placement, once it is planned)."""
     from .devices import check_device, describe
 
     args.device = check_device(args.device)
-    print(describe(args.device), file=sys.stderr)
+    if not (args.device == "auto" and hasattr(args, "offload")):
+        print(describe(args.device), file=sys.stderr)
 
 
 def cmd_score(args):
@@ -119,7 +137,7 @@ def _score_ray(args):
         raise UsageError("--ray: needs --output (a .jsonl or .parquet file) and does not take --resume")
     if args.workers < 1 or args.cpus_per_worker < 0 or args.gpus_per_worker < 0:
         raise UsageError("--workers: expected at least 1; --cpus-per-worker, --gpus-per-worker: at least 0")
-    scorer_args = _scorer_args(args) | {"quant": args.quant}
+    scorer_args = _scorer_args(args, log=False) | {"quant": args.quant}
     if args.cpus_per_worker >= 1:
         scorer_args["threads"] = int(args.cpus_per_worker)
     n = score_dataset(args.input, args.output, args.model, args.workers, args.ray_address, args.gpus_per_worker,
@@ -196,9 +214,12 @@ def cmd_quantize(args):
 
 
 def cmd_plan(args):
-    from .plan import plan_report
+    from .offload_plan import H2D_GBPS, TFLOPS, plan_text
 
-    text, fits = plan_report(args.model, _gpu_sizes(args.gpus, "--gpus"), args.bits, args.batch_tokens)
+    if (args.h2d_gbps or 1) <= 0 or (args.tflops or 1) <= 0:
+        raise UsageError("--h2d-gbps, --tflops: expected positive numbers")
+    text, fits = plan_text(args.model, _gpu_sizes(args.gpus, "--gpus"), args.bits, args.batch_tokens,
+                           _host_memory(args), args.h2d_gbps or H2D_GBPS, args.tflops or TFLOPS)
     print(text)
     return 0 if fits else 1
 
@@ -261,6 +282,13 @@ def _add_compute(p):
                    "response instead of once (for comparisons)")
     p.add_argument("--no-pipeline", action="store_true", help="with layers on several GPUs, run one batch at a "
                    "time instead of feeding the next GPU's stage while the last one finishes (for comparisons)")
+    p.add_argument("--offload", choices=["auto", "on", "off"], default="auto",
+                   help="stream decoder layers from pinned host memory behind compute: auto (only when the layers "
+                   "do not all fit the GPU; as many as fit stay resident), on (plan a streamed split on the first "
+                   "GPU even if all would fit, e.g. with --max-memory 24GiB to try a 24 GB card's plan on a larger "
+                   "one; on the CPU every layer streams), off (refuse what does not fit) (default: auto)")
+    p.add_argument("--host-memory", help="host memory the streamed layers may pin, e.g. 64GiB (default: what is "
+                   "available now)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,14 +419,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="will a model fit these GPUs? which layers go where?",
                        description="Place whole decoder layers, in order, on each GPU under its memory minus a "
                        "reserve for the activations of one batch, computed on the meta device from config.json "
-                       "alone (no weights read). Exits 1 when the model does not fit, naming setups that would.")
+                       "alone (no weights read). When they do not all fit, plan the streamed split on the first "
+                       "GPU: as many layers resident as fit beside a ring of buffers and one pass's activations, "
+                       "the rest streamed from pinned host memory behind compute, with the expected tokens/s and "
+                       "its arithmetic. Exits 1 when it can run neither way, naming setups that would.",
+                       epilog="example: worldpm-lite plan --model worldpm-72b --gpus 24GiB --host-memory 64GiB")
     p.add_argument("--model", required=True, help="a model directory, or the preset worldpm-72b (WorldPM-72B's "
                    "real dimensions; no files needed)")
     p.add_argument("--gpus", required=True, help="memory of each GPU, comma-separated, e.g. 24GiB,24GiB")
     p.add_argument("--bits", type=int, choices=[4, 8, 16], help="plan for GPTQ 4/8-bit or bf16 (default: the "
                    "checkpoint's own; 4 for a preset)")
-    p.add_argument("--batch-tokens", type=int, default=8192,
-                   help="padded tokens per forward pass, as score's --token-budget (default: 8192)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per forward pass, as score's --token-budget (default: 8192 resident; streamed, "
+                   "the smallest pass that hides the copies behind compute)")
+    p.add_argument("--host-memory", help="when the layers do not all fit: host memory for the streamed ones, e.g. "
+                   "64GiB (default: what is available on this machine now)")
+    p.add_argument("--h2d-gbps", type=float, help="assumed pinned host-to-device GB/s for the streamed plan's "
+                   "arithmetic (default: an RTX 4090's on PCIe 4.0 x16, printed with the plan)")
+    p.add_argument("--tflops", type=float, help="assumed dense bf16 TFLOP/s of the GPU (default: an RTX 4090's, "
+                   "printed with the plan)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("make-tiny", help="train the small WorldPM-architecture model (about 3 minutes on 2 cores)")

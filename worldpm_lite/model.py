@@ -6,6 +6,8 @@ as is. Only the scoring rows reach the final norm and the head: one row per sequ
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -35,10 +37,29 @@ class WorldPM(nn.Module):
         h = config.hidden_size
         self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
         self.tail_backend = "torch"  # or "triton": the fused kernel (set by load_model)
+        self.streamer = None  # offload.LayerStream when some layers stream from host memory (set by load_model)
+        self.mlp_chunk = None  # tokens per MLP call in a packed pass (None: the whole pass at once)
 
     @property
     def input_device(self) -> torch.device:
+        """Where the embedding table is (the host, when layers stream and it stays there)."""
         return self.model.embed_tokens.weight.device
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the first decoder layer runs."""
+        return self.layer_device(0)
+
+    def streamed(self, i: int) -> bool:
+        return self.streamer is not None and i in self.streamer.position
+
+    def layer_device(self, i: int) -> torch.device:
+        return self.streamer.device if self.streamed(i) else self.model.layers[i].input_layernorm.weight.device
+
+    def layer(self, i: int):
+        """Context manager giving decoder layer i's module: resident, or a ring slot its weights were
+        copied into (streamed; the slot is released for the next copy when the block exits)."""
+        return self.streamer.layer(i) if self.streamed(i) else contextlib.nullcontext(self.model.layers[i])
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Last decoder layer's output before the final norm. input_ids: [B, T] -> [B, T, h].
@@ -51,11 +72,12 @@ class WorldPM(nn.Module):
         pos = torch.arange(input_ids.shape[1], device=x.device).unsqueeze(0)  # [1, T]
         cos, sin = (t[: input_ids.shape[1]].unsqueeze(0) for t in self.rope(x.device, x.dtype))  # [1, T, head_dim]
         rope = {x.device: (cos, sin)}
-        for layer in self.model.layers:
-            dev = layer.input_layernorm.weight.device
-            if dev not in rope:
-                rope[dev] = (cos.to(dev), sin.to(dev))
-            x = layer(x.to(dev), attention_mask=None, position_ids=pos.to(dev), position_embeddings=rope[dev])
+        for i in range(len(self.model.layers)):
+            with self.layer(i) as layer:
+                dev = layer.input_layernorm.weight.device
+                if dev not in rope:
+                    rope[dev] = (cos.to(dev), sin.to(dev))
+                x = layer(x.to(dev), attention_mask=None, position_ids=pos.to(dev), position_embeddings=rope[dev])
         return x
 
     def rope(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,14 +168,18 @@ def device_for(name: str, device_map: dict[str, torch.device]) -> torch.device:
 
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
                device_map: dict[str, str | int | torch.device] | str | torch.device = "cpu",
-               backend: str = "auto", quant: str | None = None) -> WorldPM:
+               backend: str = "auto", quant: str | None = None, offload=None) -> WorldPM:
     """Build on the meta device, then put each tensor straight from its shard on its device.
 
     device_map: one device for everything, or module name prefix -> device (e.g. from
     `plan.place`). GPTQ checkpoints get GPTQLinear modules running `backend` ("auto": Triton on
     CUDA devices, the torch reference elsewhere); their packed tensors and fp16 scales keep their
     dtypes, every other tensor is cast to `dtype`. quant "bnb-nf4" / "bnb-int8" quantizes the
-    decoder linears of a bf16 checkpoint with bitsandbytes as each reaches its device."""
+    decoder linears of a bf16 checkpoint with bitsandbytes as each reaches its device.
+    offload (an `offload.Offload`): its layers go to one host allocation (pinned when they run on a
+    GPU) and stream through a ring of buffers on the device of `device_map["model.layers"]`."""
+    from .offload import HostLayers, LayerStream
+
     check_quant(quant)
     if quant is not None and ckpt.quant is not None:
         raise ValueError(f"{ckpt.path}: quant {quant!r} quantizes a bf16 checkpoint; this one is already GPTQ "
@@ -163,8 +189,20 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
     device_map = {k: torch.device(f"cuda:{v}" if isinstance(v, int) else v) for k, v in device_map.items()}
     devices = set(device_map.values())
     kinds = {d.type for d in devices}
-    backend = pick_backend(backend, next(iter(devices)) if len(kinds) == 1 else torch.device("cpu"))
+    backend = pick_backend(backend, next(iter(devices)) if len(kinds) == 1 else
+                           torch.device("cuda") if "cuda" in kinds else torch.device("cpu"))
     model = meta_model(ckpt.config, ckpt.quant, dtype, backend, quant)
+    streamed = {}  # layer index -> its place in the host allocation
+    if offload is not None and offload.streamed:
+        if quant is not None:
+            raise ValueError(f"offload: streams GPTQ and bf16 checkpoints, not {quant!r} (bitsandbytes)")
+        if max(offload.streamed) >= ckpt.config.num_hidden_layers:
+            raise ValueError(f"offload: layer {max(offload.streamed)} streamed, but {ckpt.path} has "
+                             f"{ckpt.config.num_hidden_layers} layers")
+        streamed = {layer: j for j, layer in enumerate(offload.streamed)}
+        template = model.model.layers[offload.streamed[0]]
+        compute = device_for("model.layers", device_map)
+        host = HostLayers(template, len(streamed), pinned=compute.type == "cuda")
     state, on_the_fly = {}, set()
     for name in ckpt.expected():
         t, device = ckpt.tensor(name), device_for(name, device_map)
@@ -173,11 +211,18 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
             on_the_fly.add(name)
             continue
         floating = t.is_floating_point() and not name.endswith(".scales")
+        parts = name.split(".")
+        if parts[1] == "layers" and int(parts[2]) in streamed:
+            host.put(streamed[int(parts[2])], ".".join(parts[3:]), t.to(dtype if floating else t.dtype))
+            continue
         state[name] = t.to(device=device, dtype=dtype if floating else t.dtype)
     result = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not any(k.startswith(n) for n in on_the_fly)]
+    missing = [k for k in result.missing_keys if not any(k.startswith(n) for n in on_the_fly)
+               and not (k.split(".")[1] == "layers" and int(k.split(".")[2]) in streamed)]
     if missing or result.unexpected_keys:  # the checkpoint was validated: this is a bug, not bad input
         raise RuntimeError(f"loading {ckpt.path}: missing {missing}, unexpected {result.unexpected_keys}")
+    if streamed:
+        model.streamer = LayerStream(host, template, offload.streamed, offload.ring, compute)
     model.model.rotary_emb.to(model.input_device)
     model.tail_backend = backend
     share_scratch(model)

@@ -120,10 +120,12 @@ class PackedRun:
         self.model, self.batch, self.cache = model, batch, cache
         self.next_layer = 0
         ids = torch.tensor(batch.ids, dtype=torch.long)
-        dev = model.input_device
+        dev, first = model.input_device, model.compute_device
         if dev.type == "cuda":  # pinned + non_blocking: the host does not wait for the GPU's queue
             ids = ids.pin_memory()
         self.x = model.model.embed_tokens(ids.to(dev, non_blocking=True))  # [L, h]
+        if dev.type == "cpu" and first.type == "cuda":  # the table stays on the host: only [L, h] travels
+            self.x = self.x.pin_memory().to(first, non_blocking=True)
         pos = torch.cat([torch.arange(s.position, s.position + s.length) for s in batch.segments])
         pos = pos.to(dev, non_blocking=True)
         self.rope = {self.x.device: tuple(t[pos] for t in model.rope(self.x.device, self.x.dtype))}  # [L, head_dim]
@@ -135,18 +137,17 @@ class PackedRun:
 
     def advance(self, stop: int) -> None:
         """Run layers next_layer..stop-1."""
-        layers = self.model.model.layers
         for i in range(self.next_layer, stop):
-            layer = layers[i]
-            dev = layer.input_layernorm.weight.device
+            dev = self.model.layer_device(i)
             if dev not in self.rope:
                 cos, sin = next(iter(self.rope.values()))
                 self.rope[dev] = (cos.to(dev), sin.to(dev))
             if dev not in self.buckets:
                 self.buckets[dev] = [tuple(t.to(dev, non_blocking=True) if isinstance(t, torch.Tensor) else t
                                            for t in b) for b in self.buckets[torch.device("cpu")]]
-            self.x = packed_layer(layer, self.x.to(dev), self.rope[dev], self.batch.segments, self.buckets[dev],
-                                  self.cache, i, self.masks.setdefault(dev, {}))
+            with self.model.layer(i) as layer:
+                self.x = packed_layer(layer, self.x.to(dev), self.rope[dev], self.batch.segments, self.buckets[dev],
+                                      self.cache, i, self.masks.setdefault(dev, {}), self.model.mlp_chunk)
         self.next_layer = stop
 
     def scores(self) -> torch.Tensor:
@@ -187,10 +188,11 @@ def length_buckets(segments: list[Segment]) -> list[tuple]:
 
 
 def packed_layer(layer, x: torch.Tensor, rope: tuple, segments: list[Segment], buckets: list, cache: dict,
-                 index: int, masks: dict) -> torch.Tensor:
+                 index: int, masks: dict, mlp_chunk: int | None = None) -> torch.Tensor:
     """One Qwen2 decoder layer over a packed stream x [L, h], attention confined to each segment
     (plus its prompt). The same modules and arithmetic as transformers' layer with SDPA attention.
-    masks: the batch's response masks on x's device, filled on first use and reused by every layer."""
+    masks: the batch's response masks on x's device, filled on first use and reused by every layer.
+    mlp_chunk: rows per MLP call, so its [rows, intermediate] tensors stay bounded on a long pass."""
     attn = layer.self_attn
     if attn.sliding_window is not None:
         raise NotImplementedError("packed attention: sliding-window layers are not supported")
@@ -232,7 +234,11 @@ def packed_layer(layer, x: torch.Tensor, rope: tuple, segments: list[Segment], b
                                                      torch.cat([pv, vs], 1)[None], attn_mask=mask,
                                                      scale=attn.scaling, enable_gqa=True)[0]
     x = x + attn.o_proj(out.transpose(0, 1).reshape(n, -1))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    if mlp_chunk is None or n <= mlp_chunk:
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+    for a in range(0, n, mlp_chunk):  # in place: x is this layer's own sum, read by nothing else
+        x[a:a + mlp_chunk] += layer.mlp(layer.post_attention_layernorm(x[a:a + mlp_chunk]))
+    return x
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -246,11 +252,11 @@ def stages(model) -> list[int]:
     device (model.stage_ends overrides, e.g. to test the schedule with two stages on one CPU)."""
     if getattr(model, "stage_ends", None):
         return list(model.stage_ends)
-    ends, layers = [], model.model.layers
-    for i in range(1, len(layers)):
-        if layers[i].input_layernorm.weight.device != layers[i - 1].input_layernorm.weight.device:
+    ends, count = [], len(model.model.layers)
+    for i in range(1, count):
+        if model.layer_device(i) != model.layer_device(i - 1):
             ends.append(i)
-    return ends + [len(layers)]
+    return ends + [count]
 
 
 def run_batches(model, batches: Iterable[Batch], pipeline: bool = True,

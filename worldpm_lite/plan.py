@@ -38,19 +38,21 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def activation_reserve(config: WorldPMConfig, batch_tokens: int, quantized: bool, dtype_bytes: int = 2) -> int:
+def activation_reserve(config: WorldPMConfig, batch_tokens: int, quantized: bool, dtype_bytes: int = 2,
+                       mlp_chunk: int | None = None) -> int:
     """Bytes each GPU keeps free for one forward pass of `batch_tokens` padded tokens.
 
     Per layer the live tensors are at most the residual stream, the normed input, q, k, v, the
     attention output and o_proj's output (5 h + 2 kv per token) and the MLP's gate, up and their
-    product (3 I per token). Attention is causal without a mask, so SDPA's flash / memory-efficient
-    kernels need no T x T scores. A quantized model adds the dequantized scratch of its largest
-    linear (the GEMM path), and every GPU the runtime overhead."""
+    product (3 I per token, for at most `mlp_chunk` tokens at a time when the MLP runs in chunks).
+    Attention is causal without a mask, so SDPA's flash / memory-efficient kernels need no T x T
+    scores. A quantized model adds the dequantized scratch of its largest linear (the GEMM path), and
+    every GPU the runtime overhead."""
     h, i = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * config.dim_per_head
-    per_token = 5 * h + 2 * kv + 3 * i
+    mlp_tokens = batch_tokens if mlp_chunk is None else min(batch_tokens, mlp_chunk)
     scratch = h * i * dtype_bytes if quantized else 0
-    return batch_tokens * per_token * dtype_bytes + scratch + RUNTIME_OVERHEAD
+    return (batch_tokens * (5 * h + 2 * kv) + mlp_tokens * 3 * i) * dtype_bytes + scratch + RUNTIME_OVERHEAD
 
 
 @dataclass
@@ -199,27 +201,10 @@ def check_visible(capacity: dict[int, int]) -> None:
                          f"indices 0 to {n - 1}); check CUDA_VISIBLE_DEVICES")
 
 
-def auto_device_map(ckpt, dtype: torch.dtype, max_memory: dict | None, batch_tokens: int,
-                    quant: str | None = None) -> dict[str, int]:
-    """Module prefix -> GPU for loading `ckpt` (bitsandbytes `quant` planned as GPTQ of the same bits,
-    group 64); ValueError with the plan table when it does not fit."""
-    from .qlinear import BNB
-
-    spec = GPTQSpec(BNB[quant], 64) if quant else ckpt.quant
-    model = meta_model(ckpt.config, spec, dtype)
-    reserve = activation_reserve(ckpt.config, batch_tokens, spec is not None, dtype.itemsize)
-    result = place(model, gpu_capacity(max_memory), reserve)
-    if not result.fits:
-        fits = setups_that_fit(model, reserve)
-        raise ValueError(f"{ckpt.path}: does not fit these GPUs with {batch_tokens} tokens per batch\n"
-                         f"{result.table()}\nsetups that would fit: {', '.join(fits) or 'none of the common ones'}; "
-                         "or use a smaller token_budget, or the 4-bit checkpoint")
-    return dict(result.device_map)
-
-
-def plan_report(model: str, capacity: dict[int, int], bits: int | None, batch_tokens: int) -> tuple[str, bool]:
-    """What `worldpm-lite plan` prints, and whether it fits. model: a directory or a preset name;
-    bits: 4, 8, 16 (bf16) or None for the checkpoint's own (4 for a preset)."""
+def plan_report(model: str, capacity: dict[int, int], bits: int | None, batch_tokens: int) -> tuple[str, bool, object]:
+    """The resident plan as `worldpm-lite plan` prints it, whether it fits, and the meta model it placed.
+    model: a directory or a preset name; bits: 4, 8, 16 (bf16) or None for the checkpoint's own (4 for
+    a preset)."""
     from .checkpoint import Checkpoint
 
     if model.lower() in PRESETS:
@@ -241,7 +226,8 @@ def plan_report(model: str, capacity: dict[int, int], bits: int | None, batch_to
         lines.append(f"fits: {len(capacity)} GPU(s), smallest headroom {head / GIB:.2f} GiB")
     else:
         fits = setups_that_fit(meta, reserve)
-        lines.append(f"does NOT fit: {result.unplaced() / GIB:.2f} GiB of weights have no GPU. Setups that would fit "
-                     f"{what}: {', '.join(fits) or 'none of 1-8 x 24/48/80 GiB'}"
+        lines.append(f"does NOT fit resident: {result.unplaced() / GIB:.2f} GiB of weights have no GPU. Setups that "
+                     f"would fit {what}: {', '.join(fits) or 'none of 1-8 x 24/48/80 GiB'}"
                      + ("" if bits == 4 else "; or quantize to 4 bits (--bits 4)"))
-    return "\n".join(lines), result.fits
+    return "\n".join(lines), result.fits, meta
+

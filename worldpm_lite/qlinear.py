@@ -67,9 +67,11 @@ class Scratch:
 
 
 def share_scratch(model) -> Scratch:
-    """Give every GPTQLinear of `model` one Scratch, pre-sized per device for its largest linear."""
+    """Give every GPTQLinear of `model` (and of its streamed layers' ring modules) one Scratch,
+    pre-sized per device for its largest linear."""
     scratch = Scratch()
-    for m in model.modules():
+    ring = model.streamer.modules if getattr(model, "streamer", None) is not None else []
+    for m in [*model.modules(), *(m for r in ring for m in r.modules())]:
         if isinstance(m, GPTQLinear):
             dev = m.qweight.device
             scratch.sizes[dev] = max(scratch.sizes.get(dev, 0), m.in_features * m.out_features)

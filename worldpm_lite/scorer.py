@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -24,10 +26,13 @@ from .checkpoint import Checkpoint
 from .data import prompt_messages, with_response
 from .devices import check_device
 from .model import WorldPM, load_model
+from .offload import Offload
+from .offload_plan import MLP_CHUNK, Placement, auto_placement
 from .packing import Group, pack, run_batches, shared_prefix
-from .plan import auto_device_map, check_visible, gpu_capacity
+from .plan import check_visible, gpu_capacity, parse_size
 from .qlinear import GPTQLinear
 
+log = logging.getLogger(__name__)
 TRUNCATION = ("error", "left")
 # padded tokens per forward pass: GPUs want large batches; on a CPU smaller ones stay in cache
 # (bench/test_throughput.py: 2048 scored 22% faster than 8192 on the 2-core box)
@@ -41,6 +46,35 @@ PADDED_WINDOW = 64  # the padded path sorts by length within windows of this man
 
 class ConversationTooLong(ValueError):
     pass
+
+
+class DoesNotFit(ValueError):
+    """One conversation (or shared prompt) ran out of GPU memory alone in its pass."""
+
+    def __init__(self, group: int, tokens: int, budget: int):
+        self.group, self.tokens = group, tokens
+        super().__init__(f"request {group}: a segment of {tokens} tokens ran out of GPU memory alone in its pass "
+                         f"({budget} tokens per pass); it needs a larger GPU, or --truncate to a shorter length")
+
+
+class _Replay:
+    """Groups drawn from a lazy iterable and kept until their scores are out, so that a pass that ran
+    out of memory can run them again: groups() yields the kept ones, then draws on."""
+
+    def __init__(self, groups: Iterable[Group]):
+        self.source, self.kept, self.first = iter(groups), collections.deque(), 0
+
+    def groups(self) -> Iterator[Group]:
+        yield from list(self.kept)
+        for g in self.source:
+            self.kept.append(g)
+            yield g
+
+    def finished(self, done: int) -> None:
+        """Groups first..done-1 are out: forget them."""
+        while self.first < done:
+            self.kept.popleft()
+            self.first += 1
 
 
 class NonFiniteScore(ValueError):
@@ -147,7 +181,7 @@ class Scorer:
         if truncation not in TRUNCATION:
             raise ValueError(f"truncation: expected one of {TRUNCATION}, found {truncation!r}")
         if token_budget is None:
-            token_budget = DEFAULT_TOKEN_BUDGET["cpu" if model.input_device.type == "cpu" else "cuda"]
+            token_budget = DEFAULT_TOKEN_BUDGET["cpu" if model.compute_device.type == "cpu" else "cuda"]
         if token_budget < 1:
             raise ValueError(f"token_budget: expected a positive integer, found {token_budget}")
         limit = model.config.max_position_embeddings
@@ -162,48 +196,76 @@ class Scorer:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: torch.dtype | str | None = None,
                         max_memory: dict | None = None, backend: str = "auto", quant: str | None = None,
-                        **kwargs) -> Scorer:
+                        offload: bool | Offload | None = None, host_memory: int | str | None = None,
+                        log=None, **kwargs) -> Scorer:
         """Load a bf16 or GPTQ checkpoint directory.
 
         device: "auto" (default): every visible GPU, whole decoder layers placed in order under each
         GPU's free memory (or `max_memory`, e.g. {0: "22GiB", 1: "22GiB"}) minus a reserve for the
-        activations of `token_budget` tokens, on as few GPUs as hold them, balanced; the CPU when no
-        GPU is visible. Or "cpu", "cuda", "cuda:N".
+        activations of `token_budget` tokens, on as few GPUs as hold them, balanced; when they do not
+        all fit, as many as fit stay resident on the first GPU and the rest stream from pinned host
+        memory behind compute (offload.py), with a pass size the plan picks. The CPU when no GPU is
+        visible. Or "cpu", "cuda", "cuda:N".
+        offload: None (stream only when the layers do not fit), True (always plan a streamed split;
+        on the CPU every layer streams, which tests the executor), False (never), or an
+        `offload.Offload` naming the streamed layers and the ring size. host_memory: bytes or "64GiB"
+        the streamed layers may take (default: what is available now).
         Each tensor goes from its shard straight to its device.
         dtype defaults to float32 on CPU and bfloat16 on GPU. backend: for GPTQ linears and the
         tail, "auto" (Triton on GPUs, torch on CPU), "torch" or "triton". quant: "bnb-nf4" or
-        "bnb-int8" quantizes a bf16 checkpoint's decoder linears with bitsandbytes while loading."""
+        "bnb-int8" quantizes a bf16 checkpoint's decoder linears with bitsandbytes while loading.
+        log: called with one line saying where the layers go, before any weight is read."""
         if isinstance(dtype, str):
             if dtype not in DTYPE_NAMES:
                 raise ValueError(f"dtype: expected one of {sorted(DTYPE_NAMES)}, found {dtype!r}")
             dtype = DTYPE_NAMES[dtype]
+        if isinstance(host_memory, str):
+            host_memory = parse_size(host_memory)
         device = check_device(device)
         ckpt = Checkpoint(path)
-        device_map = device
-        if device == "auto":
+        placement = Placement(device)
+        if isinstance(offload, Offload):
+            placement = Placement(device if device == "cpu" else
+                                  {"": 0 if device == "auto" else device, "model.embed_tokens": "cpu"}, offload)
+        elif device == "auto" or (offload is True and device != "cpu"):
             if max_memory is not None:
                 check_visible(gpu_capacity(max_memory))
-            device_map = auto_device_map(ckpt, dtype or torch.bfloat16, max_memory,
-                                         kwargs.get("token_budget") or DEFAULT_TOKEN_BUDGET["cuda"], quant)
+            capacity = gpu_capacity(max_memory)
+            if device != "auto":  # one named GPU, streamed
+                index = torch.device(device).index or 0
+                capacity = {index: capacity[index]} if max_memory else {index: torch.cuda.mem_get_info(index)[0]}
+            placement = auto_placement(ckpt, dtype or torch.bfloat16, capacity, kwargs.get("token_budget"), quant,
+                                       offload, host_memory)
         elif max_memory is not None:
             raise ValueError("max_memory: only used with device='auto' on a machine with GPUs")
-        first = torch.device("cuda" if isinstance(device_map, dict) else device_map)
+        elif offload is True:  # the CPU: every layer streams through the ring (host and compute tier both the CPU)
+            placement = Placement("cpu", Offload(tuple(range(ckpt.config.num_hidden_layers))))
+        if log is not None and placement.summary:
+            log(placement.summary)
+        dm = placement.device_map
+        first = torch.device("cuda" if isinstance(dm, dict) else dm)
         if dtype is None:
             dtype = torch.float32 if first.type == "cpu" else torch.bfloat16
-        return cls(load_model(ckpt, dtype, device_map, backend, quant), load_tokenizer(path), **kwargs)
+        if placement.token_budget and not kwargs.get("token_budget"):
+            kwargs["token_budget"] = placement.token_budget
+        model = load_model(ckpt, dtype, dm, backend, quant, placement.offload)
+        if model.streamer is not None and model.streamer.device.type == "cuda":
+            model.mlp_chunk = MLP_CHUNK
+        return cls(model, load_tokenizer(path), **kwargs)
 
     @property
     def backend(self) -> str:
         """What runs the model, in words (also logged by the CLI)."""
         m = self.model
-        devices = sorted({str(p.device) for p in m.parameters()})
+        devices = sorted({str(p.device) for p in m.parameters() if p.device.type != "meta"})
         quant = next((q for q in m.modules() if isinstance(q, GPTQLinear)), None)
         dtype = str(m.score[0].weight.dtype).removeprefix("torch.")
         bnb = next((type(q).__name__ for q in m.modules() if type(q).__module__.startswith("bitsandbytes")), None)
         weights = (quant.describe() if quant is not None else f"bitsandbytes {bnb} linears (quantized while loading)"
                    if bnb else f"dense {dtype} linears")
         tail = "Triton fused tail" if m.tail_backend == "triton" else "torch tail"
-        return f"{weights}; {tail}; {dtype} compute on {', '.join(devices)}"
+        streamed = f"; {m.streamer.describe()}" if m.streamer is not None else ""
+        return f"{weights}; {tail}; {dtype} compute on {', '.join(devices)}{streamed}"
 
     def encode(self, conversations: list, where: str = "conversation") -> list[list[int]]:
         """Token ids of each conversation (refused unless it ends with the assistant's reply)."""
@@ -264,28 +326,54 @@ class Scorer:
 
     def run(self, groups: Iterable[Group]) -> Iterator[Step]:
         """Score groups lazily, in order: one Step per batch, each with the groups it completed.
-        A non-finite score raises NonFiniteScore."""
+        A non-finite score raises NonFiniteScore. Out of GPU memory during a pass, the groups not yet
+        finished run again at half the token budget, which is kept (and logged); only a segment that
+        fails alone raises DoesNotFit."""
         if not self.packing:
             yield from self._run_padded(groups)
             return
-        sizes, pending, reported = {}, {}, 0
+        source = _Replay(groups)
+        while True:
+            try:
+                yield from self._run_packed(source)
+                return
+            except torch.OutOfMemoryError:
+                self._shrink(source)
+
+    def _shrink(self, source: _Replay) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        first = source.kept[0] if source.kept else None
+        longest = max(len(p) for p in (first.parts + [first.prompt or []])) if first else 1
+        if self.token_budget <= longest:
+            raise DoesNotFit(source.first, longest, self.token_budget)
+        smaller = max(longest, self.token_budget // 2)
+        log.warning("out of GPU memory with %d tokens per pass: running again from request %d with %d tokens per "
+                    "pass, kept for the rest of the run", self.token_budget, source.first, smaller)
+        self.token_budget = smaller
+
+    def _run_packed(self, source: _Replay) -> Iterator[Step]:
+        sizes, pending, first = {}, {}, source.first
+        reported = first
 
         def counted():
-            for n, g in enumerate(groups):
+            for n, g in enumerate(source.groups(), first):
                 sizes[n] = len(g.parts)
                 yield g
 
         with torch.inference_mode(), _quiet_bnb():
             for batch, scores in run_batches(self.model, pack(counted(), self.token_budget), self.pipeline):
                 values = scores.tolist()
-                _check_finite(values, batch.owners)
-                for (g, j), v in zip(batch.owners, values):
+                owners = [(first + g, j) for g, j in batch.owners]
+                _check_finite(values, owners)
+                for (g, j), v in zip(owners, values):
                     pending.setdefault(g, [0.0] * sizes[g])[j] = v
-                done = [(g, pending.pop(g)) for g in range(reported, batch.done)]
+                done = [(g, pending.pop(g)) for g in range(reported, first + batch.done)]
                 for g, _ in done:
                     del sizes[g]
-                reported = batch.done
-                yield Step(batch.done, done, batch.tokens)
+                reported = first + batch.done
+                source.finished(reported)
+                yield Step(reported, done, batch.tokens)
 
     def _run_padded(self, groups: Iterable[Group]) -> Iterator[Step]:
         """The padded reference path: windows of groups, each conversation alone, length-sorted

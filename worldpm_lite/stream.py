@@ -147,8 +147,8 @@ def score_file(scorer, path: str, output: str | None, settings: dict, resume: bo
 
 
 def _steps(scorer, groups, lines, path):
-    """scorer.run, with a NaN/inf score reported by its input line."""
-    from .scorer import NonFiniteScore
+    """scorer.run, with a NaN/inf score or a conversation too large for the GPU reported by its input line."""
+    from .scorer import DoesNotFit, NonFiniteScore
 
     try:
         yield from scorer.run(groups)
@@ -157,6 +157,11 @@ def _steps(scorer, groups, lines, path):
         raise RequestError(f"{path}:{number}: conversation {e.part} scored {e.value}; a NaN/inf score means the "
                            "checkpoint is the likely cause (non-finite or overflowing weights). Nothing is written "
                            "for this line; the results before it are kept for --resume") from None
+    except DoesNotFit as e:
+        number = next(line.number for n, line, _ in lines if n == e.group)
+        raise RequestError(f"{path}:{number}: {e.tokens} tokens ran out of GPU memory alone in one pass; this line "
+                           "needs a larger GPU (or --truncate to the model's limit if it is over it). The results "
+                           "before it are kept for --resume") from None
 
 
 def _record(sink, record: Path, state: dict, settings: dict) -> None:
