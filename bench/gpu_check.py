@@ -184,6 +184,21 @@ def matmul_timings(device, smoke: bool) -> list[dict]:
 
 
 @torch.no_grad()
+def random_like(name: str, t: torch.Tensor, device, gen) -> torch.Tensor:
+    """A random stand-in for tensor `name` of a 4-bit group-128 WorldPM, shaped and typed like t, whose
+    activations stay finite over 80 layers."""
+    leaf = name.rpartition(".")[2]
+    if t.dtype == torch.int32 and leaf == "g_idx":
+        return torch.arange(t.shape[0], device=device, dtype=torch.int32) // 128
+    if t.dtype == torch.int32:
+        return torch.randint(-2**31, 2**31 - 1, t.shape, dtype=torch.int32, device=device, generator=gen)
+    if leaf == "scales":  # weights of std ~ 1/sqrt(in)
+        return torch.full(t.shape, 1 / (4.6 * (t.shape[0] * 128) ** 0.5), dtype=t.dtype, device=device)
+    if "norm" in name:
+        return torch.ones(t.shape, dtype=t.dtype, device=device)
+    return torch.randn(t.shape, dtype=t.dtype, device=device, generator=gen) * 0.02
+
+
 def random_packed_model(config: WorldPMConfig, device, layers: list[int] | None = None,
                         with_tail: bool = True) -> WorldPM:
     """A 4-bit GPTQ WorldPM with random packed tensors made on `device` (no dense copy), Triton
@@ -196,16 +211,7 @@ def random_packed_model(config: WorldPMConfig, device, layers: list[int] | None 
         for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if t is None or t.device.type != "meta":
                 continue
-            if t.dtype == torch.int32 and name == "g_idx":
-                new = (torch.arange(t.shape[0], device=device, dtype=torch.int32) // 128)
-            elif t.dtype == torch.int32:
-                new = torch.randint(-2**31, 2**31 - 1, t.shape, dtype=torch.int32, device=device, generator=gen)
-            elif name == "scales":  # weights of std ~ 1/sqrt(in): activations stay finite over 80 layers
-                new = torch.full(t.shape, 1 / (4.6 * (t.shape[0] * 128) ** 0.5), dtype=t.dtype, device=device)
-            elif "norm" in prefix:
-                new = torch.ones(t.shape, dtype=t.dtype, device=device)
-            else:
-                new = torch.randn(t.shape, dtype=t.dtype, device=device, generator=gen) * 0.02
+            new = random_like(f"{prefix}.{name}", t, device, gen)
             setattr(module, name, torch.nn.Parameter(new, requires_grad=False)
                     if isinstance(t, torch.nn.Parameter) else new)
 
