@@ -278,12 +278,15 @@ sys.exit(main(sys.argv[2:]))
 def test_sigterm_answers_requests_in_flight_then_exits(small_dir, scorer, tmp_path):
     """What the service promises on SIGTERM: every request it accepted before the signal gets its
     full 200 answer, a connection attempted after it is refused, and the process exits 0."""
-    release = tmp_path / "release"
+    release, key = tmp_path / "release", "k-7f3a9c"  # the API key from the environment: required, never logged
     proc = subprocess.Popen([sys.executable, "-c", HELD_SERVE, str(release), "serve", "--model", str(small_dir),
-                             "--device", "cpu", "--port", "0"], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                             "--device", "cpu", "--port", "0", "--log-level", "info", "--access-log"],
+                            stderr=subprocess.PIPE, stdout=(tmp_path / "stdout").open("w"), text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "WORLDPM_LITE_API_KEY": key})
     try:
+        logged = []
         for line in proc.stderr:
+            logged.append(line)
             if line.startswith("serving "):
                 u = re.search(r"http://[\d.]+:\d+", line).group(0)
                 break
@@ -296,7 +299,8 @@ def test_sigterm_answers_requests_in_flight_then_exits(small_dir, scorer, tmp_pa
 
         def post(i):
             try:
-                r = httpx.post(f"{u}/v1/score", json=[{"messages": c} for c in convs], timeout=300)
+                r = httpx.post(f"{u}/v1/score", json=[{"messages": c} for c in convs], timeout=300,
+                               headers={"Authorization": f"Bearer {key}"})
                 outcome[i] = ("answer", r, time.monotonic())
             except Exception as e:  # noqa: BLE001 - recorded and asserted on below, never lost in a thread
                 outcome[i] = ("error", e)
@@ -330,7 +334,11 @@ def test_sigterm_answers_requests_in_flight_then_exits(small_dir, scorer, tmp_pa
         want = scorer.score(convs)
         assert all([x["score"] for x in outcome[i][1].json()] == want for i in range(clients))
         assert proc.wait(120) == 0
-        assert "stopped after answering every request in flight" in proc.stderr.read()
+        logged.append(proc.stderr.read())
+        log = "".join(logged)
+        assert "stopped after answering every request in flight" in log and "API key required" in log
+        log += (tmp_path / "stdout").read_text()  # uvicorn's access log
+        assert key not in log and '"POST /v1/score HTTP/1.1" 200' in log
     finally:
         proc.kill()
         proc.wait()

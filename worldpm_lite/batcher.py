@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .packing import Group, stages
-from .scorer import NonFiniteScore, Step
+from .scorer import DoesNotFit, NonFiniteScore, Step
 
 
 class QueueFull(RuntimeError):
@@ -154,7 +154,7 @@ class Batcher:
                         job.future.set_result([job.scores[i] for i in range(len(job.groups))])
                 if self.on_step is not None:
                     self.on_step(step, len(jobs))
-        except NonFiniteScore as e:  # the model's fault, shown to the request that met it; the rest go again
+        except (NonFiniteScore, DoesNotFit) as e:  # shown to the request that met it; the rest go again
             bad = owner[e.group][0]
             bad.future.set_exception(e)
             rest = [j for j in jobs if j is not bad and not j.future.done()]

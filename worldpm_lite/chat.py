@@ -201,3 +201,23 @@ def encode_text(tokenizer, text, where: str = "query") -> list[int]:
     if not text.strip():
         raise ConversationError(f"{where}: expected the templated conversation's text, found an empty string")
     return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+
+
+def encode_ids(tokenizer, ids, where: str = "input") -> list[int]:
+    """Token ids of an already templated conversation, checked and ended as encode_text ends text:
+    <|endoftext|> runs at either end dropped, exactly one appended."""
+    vocab = len(tokenizer)
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ConversationError(f"{where}: expected a non-empty list of token ids (integers)")
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ConversationError(f"{where}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+    end = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    a, b = 0, len(ids)
+    while a < b and ids[a] == end:
+        a += 1
+    while b > a and ids[b - 1] == end:
+        b -= 1
+    if a == b:
+        raise ConversationError(f"{where}: expected the templated conversation's tokens, found only <|endoftext|>")
+    return ids[a:b] + [end]

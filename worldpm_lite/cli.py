@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -114,13 +115,17 @@ def cmd_serve(args):
         sock = bind(args.host, args.port)  # before the model loads: a taken port fails at once
     except OSError as e:
         raise UsageError(str(e)) from None
+    api_key = args.api_key or os.environ.get("WORLDPM_LITE_API_KEY") or None
+    args.api_key = None  # never echoed: nothing below prints args
     scorer = _scorer(args)
     app = create_app(scorer, model=args.model, max_items=args.max_items, max_queue=args.max_queue,
-                     max_wait=args.max_wait_ms / 1000, max_body=int(args.max_body_mib * (1 << 20)))
+                     max_wait=args.max_wait_ms / 1000, max_body=int(args.max_body_mib * (1 << 20)), api_key=api_key)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    print(f"serving {args.model} on {url}: POST /get_reward (OpenRLHF), POST /v1/score, GET /health, GET /metrics. "
-          "SIGTERM or Ctrl-C answers the requests in flight, then exits", file=sys.stderr, flush=True)
+    print(f"serving {args.model} on {url}: POST /get_reward (OpenRLHF), POST /classify, /v1/classify, /pooling, "
+          "GET /v1/models (vLLM's pooling API), POST /v1/score, GET /health, GET /metrics"
+          f"{'; API key required' if api_key else ''}. SIGTERM or Ctrl-C answers the requests in flight, then exits",
+          file=sys.stderr, flush=True)
     run_server(app, sock, log_level=args.log_level, access_log=args.access_log)
     print("worldpm-lite serve: stopped after answering every request in flight", file=sys.stderr)
 
@@ -332,14 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Serve the model over HTTP (needs the [serve] extra: pip install "
                        "'worldpm-lite[serve]').\n\n"
-                       '  POST /get_reward  {"query": [text, ...], "prompts": [...]} -> {"rewards": [...]}\n'
-                       "                    OpenRLHF's remote reward model: each query is the whole conversation\n"
-                       "                    as the chat template renders it (not templated again; <|endoftext|>\n"
-                       "                    padding at either end dropped, one appended); queries with equal\n"
-                       "                    prompts share their common prefix\n"
+                       '  POST /get_reward  {"query": [text], "prompts": [..], "labels": [..]}\n'
+                       '                    -> {"rewards": [...], "scores": [...], "extra_logs": {}}\n'
+                       "                    OpenRLHF's remote reward model (--remote_rm_url URL/get_reward): each\n"
+                       "                    query is the whole conversation as the chat template renders it (not\n"
+                       "                    templated again; <|endoftext|> padding at either end dropped, one\n"
+                       "                    appended); queries with equal prompts share their common prefix\n"
+                       "  POST /classify    vLLM's pooling API (also /v1/classify, /pooling, GET /v1/models),\n"
+                       "                    what verl's reward loop sends: {\"input\": text | [text] | ids,\n"
+                       '                    "use_activation": false} or {"messages": [...]} -> data[i].probs =\n'
+                       "                    [reward]; with the activation on (vLLM's default): sigmoid(reward)\n"
                        "  POST /v1/score    score's request objects, one or a list -> its result objects\n"
-                       "  GET  /health      model, backend, devices, limits, queue\n"
-                       "  GET  /metrics     Prometheus text\n\n"
+                       "  GET  /health      model, backend, devices, limits, queue (never needs the API key)\n"
+                       "  GET  /metrics     Prometheus text (never needs the API key)\n\n"
                        "Concurrent requests are merged into batches under the token budget; each caller gets\n"
                        "exactly the scores Scorer.score gives (on the CPU; within rounding on GPUs). Bad input\n"
                        "gets a 4xx JSON error naming the field; a full queue 503 with Retry-After. SIGTERM or\n"
@@ -360,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (default: warning)")
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every scoring route and /v1/models "
+                   "(default: $WORLDPM_LITE_API_KEY; none: open). Never logged")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("selfcheck", help="score WorldPM's README pair; compare with the published values for 72B")

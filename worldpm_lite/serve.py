@@ -19,6 +19,8 @@ it has, then exits.
 
 import asyncio
 import contextlib
+import functools
+import hmac
 import json
 import logging
 import signal
@@ -29,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .batcher import Batcher, Closed, QueueFull
 from .chat import ConversationError
 from .data import parse_request
-from .scorer import ConversationTooLong, NonFiniteScore, in_text_order
+from .scorer import ConversationTooLong, DoesNotFit, NonFiniteScore, in_text_order
 
 MAX_ITEMS = 512  # conversations (or queries) per HTTP request
 MAX_BODY = 64 << 20  # bytes
@@ -41,9 +43,10 @@ log = logging.getLogger("worldpm_lite.serve")
 
 
 class HTTPError(Exception):
-    def __init__(self, code: int, message: str, kind: str = "invalid_request", headers: dict | None = None):
+    def __init__(self, code: int, message: str, kind: str = "invalid_request", headers: dict | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.code, self.kind, self.headers = code, kind, headers
+        self.code, self.kind, self.headers, self.param = code, kind, headers, param
 
 
 def _json(body: bytes):
@@ -105,13 +108,18 @@ def prepare_reward(scorer, body: bytes, max_items: int):
                         f"template renders it), found {'nothing' if queries is None else type(queries).__name__}")
     if len(queries) > max_items:
         raise _too_many(len(queries), "queries", max_items)
+    labels = data.get("labels")
+    if labels is not None and not isinstance(labels, list):  # OpenRLHF sends them; a reward model ignores them
+        raise HTTPError(422, f"labels: expected a list (any JSON values, ignored), found {type(labels).__name__}")
     try:
         groups, order = scorer.text_groups(queries, data.get("prompts"))
     except (ConversationError, ConversationTooLong) as e:
         raise HTTPError(422, str(e)) from None
 
     def finish(scores):
-        return {"rewards": in_text_order(order, scores)}
+        # OpenRLHF's client reads "rewards", then "scores" (falling back to the rewards), then "extra_logs"
+        rewards = in_text_order(order, scores)
+        return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
 
     return groups, finish
 
@@ -147,14 +155,19 @@ class Metrics:
 
 
 def create_app(scorer, model: str = "", max_items: int = MAX_ITEMS, max_queue: int = MAX_QUEUE,
-               max_wait: float = MAX_WAIT_MS / 1000, max_body: int = MAX_BODY):
+               max_wait: float = MAX_WAIT_MS / 1000, max_body: int = MAX_BODY, api_key: str | None = None):
+    """api_key: when set, every scoring route (and /v1/models) wants `Authorization: Bearer <api_key>`;
+    /health and /metrics stay open."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.exceptions import HTTPException
+
+    from . import vllm_api
 
     state: dict = {}
     metrics = Metrics(lambda: state["batcher"].queued if "batcher" in state else 0)
-    devices = sorted({str(p.device) for p in scorer.model.parameters()})
+    devices = sorted({str(p.device) for p in scorer.model.parameters() if p.device.type != "meta"})
     backend = scorer.backend
 
     @contextlib.asynccontextmanager
@@ -170,21 +183,35 @@ def create_app(scorer, model: str = "", max_items: int = MAX_ITEMS, max_queue: i
     app = FastAPI(title="worldpm-lite", lifespan=lifespan,
                   description="WorldPM preference scores over HTTP. POST /get_reward (OpenRLHF), POST /v1/score.")
 
-    def error(code: int, kind: str, message: str, headers: dict | None = None):
+    def ours(code: int, kind: str, message: str, headers: dict | None = None, param: str | None = None):
         return JSONResponse({"error": {"code": code, "type": kind, "message": message}}, code, headers)
 
-    async def answer(endpoint: str, request: Request, prepare):
+    def vllm(code: int, kind: str, message: str, headers: dict | None = None, param: str | None = None):
+        body = vllm_api.error_body(code, message, param)
+        return JSONResponse(body, body["error"]["code"], headers)
+
+    def authorized(request: Request) -> bool:
+        if api_key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+    async def answer(endpoint: str, request: Request, prepare, error=ours):
         t0 = time.perf_counter()
         metrics.in_flight.inc()
         try:
-            response = await _respond(request, prepare)
+            if authorized(request):
+                response = await _respond(request, prepare, error)
+            else:
+                response = error(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                 {"WWW-Authenticate": "Bearer"})
         finally:
             metrics.in_flight.dec()
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
         return response
 
-    async def _respond(request: Request, prepare):
+    async def _respond(request: Request, prepare, error):
         batcher = state["batcher"]
         try:
             with batcher.coming():
@@ -194,13 +221,15 @@ def create_app(scorer, model: str = "", max_items: int = MAX_ITEMS, max_queue: i
                 future = batcher.submit(groups)
             return JSONResponse(finish(await asyncio.wrap_future(future)))
         except HTTPError as e:
-            return error(e.code, e.kind, str(e), e.headers)
+            return error(e.code, e.kind, str(e), e.headers, e.param)
         except QueueFull as e:
             return error(503, "overloaded", str(e), {"Retry-After": str(e.retry_after)})
         except Closed as e:
             return error(503, "shutting_down", str(e), {"Retry-After": "5"})
         except NonFiniteScore as e:
             return error(500, "model_error", str(e))
+        except DoesNotFit as e:
+            return error(413, "too_large_for_the_gpu", str(e))
         except Exception as e:  # noqa: BLE001 - the caller gets a JSON 500, the log gets the traceback
             log.exception("%s failed", request.url.path)
             return error(500, "internal_error", f"{type(e).__name__}: {e}")
@@ -212,6 +241,39 @@ def create_app(scorer, model: str = "", max_items: int = MAX_ITEMS, max_queue: i
     @app.post("/v1/score", summary="score's request objects (one or a list) -> its result objects")
     async def score(request: Request):
         return await answer("/v1/score", request, prepare_score)
+
+    async def classify(request: Request, endpoint: str, pooling: bool = False):
+        prepare = functools.partial(vllm_api.prepare, model=model, pooling=pooling,
+                                    request_id=request.headers.get("x-request-id"))
+        return await answer(endpoint, request, prepare, vllm)
+
+    @app.post("/classify", summary="vLLM's classify API: {\"input\" | \"messages\", \"use_activation\"} -> "
+              "data[i].probs = [value]")
+    async def classify_route(request: Request):
+        return await classify(request, "/classify")
+
+    @app.post("/v1/classify", summary="the same as /classify")
+    async def classify_v1(request: Request):
+        return await classify(request, "/v1/classify")
+
+    @app.post("/pooling", summary="vLLM's pooling API (task classify): data[i].data = [value]")
+    async def pooling_route(request: Request):
+        return await classify(request, "/pooling", pooling=True)
+
+    @app.get("/v1/models", summary="vLLM's model list: the one model served")
+    async def list_models(request: Request):
+        if not authorized(request):
+            return vllm(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                        {"WWW-Authenticate": "Bearer"})
+        return vllm_api.models(model, model, scorer.max_length)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):  # 404, 405: the same error object as the routes'
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        message = {404: f"no route {request.url.path}; see GET /docs", 405: f"{request.method} is not allowed on "
+                   f"{request.url.path}"}.get(e.status_code, str(e.detail))
+        shape = vllm if request.url.path in ("/classify", "/v1/classify", "/pooling", "/v1/models") else ours
+        return shape(e.status_code, kinds.get(e.status_code, "http_error"), message, getattr(e, "headers", None))
 
     @app.get("/health")
     async def health():
