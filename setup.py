@@ -2,6 +2,7 @@ from setuptools import setup
 
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]  # worldpm-lite serve
 RAY = ["ray[data]>=2.40"]  # worldpm-lite score --ray, worldpm_lite.ray
+TRL = ["trl>=1.16"]  # worldpm_lite.trl.WorldPMReward for GRPOTrainer / RLOOTrainer
 
 # kernels/ and quantize/ install inside the worldpm_lite namespace: a PyPI package named
 # `kernels` exists and transformers probes for it, so neither may be a top-level import name.
@@ -31,9 +32,10 @@ setup(
     extras_require={
         # optimum + GPTQModel 7.6.0: the interop test loads our GPTQ output with them (7.7 needs torch >= 2.14.1)
         "test": ["pytest>=8", "ruff>=0.5", "optimum==2.3.*", "gptqmodel==7.6.0", "bitsandbytes>=0.45", "httpx>=0.27",
-                 *SERVE, *RAY],
+                 *SERVE, *RAY, *TRL],
         "serve": SERVE,
         "ray": RAY,
+        "trl": TRL,
         "bnb": ["bitsandbytes>=0.45"],  # score --quant bnb-nf4|bnb-int8
         "bench": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.45"],
     },

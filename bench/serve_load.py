@@ -12,7 +12,8 @@ take some CPU time from the server. Each request is one real ShareGPT first exch
 answer is checked against the Scorer's score for its conversation (exactly equal). Target (issue 13):
 32 clients >= 3x the requests/s of one at a time. The Scorer called directly, one request at a time
 and all at once, shows how much batching itself gains on this machine for these requests.
-Writes bench/results/serve_load[-short][-reward].json.
+With --openrlhf each request is one sample, as OpenRLHF's client sends them from every rollout at once,
+at 1 and 256 clients. Writes bench/results/serve_load[-short][-reward][-openrlhf].json.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--reward", action="store_true", help="/get_reward with 8 queries per request")
+    ap.add_argument("--openrlhf", action="store_true", help="OpenRLHF's pattern: one sample per /get_reward request "
+                    "({query: [q], prompts: [p], labels: [l]}) from 1 and 256 clients at once")
     ap.add_argument("--short", action="store_true", help="each exchange cut to the prompt's first 60 characters "
                     "and the reply's first 120 (about 55 tokens): where a CPU gains most from batching")
     ap.add_argument("--out", help="default: bench/results/serve_load[-short][-reward].json")
@@ -118,9 +121,12 @@ def main() -> None:
         if len(convs) == 160:
             break
     want = scorer.score(convs)
-    if args.reward:  # the trainer's view: each conversation as the chat template renders it
-        queries = [scorer.tokenizer.apply_chat_template([{"role": "system", "content": ""}, *c], tokenize=False)
-                   for c in convs]
+    queries = [scorer.tokenizer.apply_chat_template([{"role": "system", "content": ""}, *c], tokenize=False)
+               for c in convs]  # the trainer's view: each conversation as the chat template renders it
+    if args.openrlhf:
+        bodies = [("/get_reward", json.dumps({"query": [q], "prompts": [c[0]["content"]], "labels": [None]}).encode(),
+                   [w]) for q, c, w in zip(queries, convs, want)]
+    elif args.reward:
         bodies = [("/get_reward", json.dumps({"query": queries[k:k + 8]}).encode(), want[k:k + 8])
                   for k in range(0, len(convs), 8)]
     else:
@@ -132,7 +138,7 @@ def main() -> None:
     for k in range(40):
         k %= len(bodies)
         t = time.perf_counter()
-        scorer.score(convs[k * 8:k * 8 + 8] if args.reward else [convs[k]])
+        scorer.score(convs[k * 8:k * 8 + 8] if args.reward and not args.openrlhf else [convs[k]])
         direct.append(time.perf_counter() - t)
     direct.sort()
     t = time.perf_counter()
@@ -142,15 +148,17 @@ def main() -> None:
           f"p50 {pct(direct, 0.5) * 1000:.0f} ms; all {len(bodies)} in one call: {batched:.1f} req/s")
 
     proc, url = start(model, args.max_wait_ms)
-    runs = []
+    runs, levels = [], (1, 256) if args.openrlhf else (1, 8, 32, 64)
+    top = 256 if args.openrlhf else 32
     try:
         for r in range(args.repeats):
-            for clients in (1, 8, 32, 64):
+            for clients in levels:
                 n = args.requests // 4 if clients == 1 else args.requests
                 rps, lat, answers = asyncio.run(load(url, bodies, clients, n))
                 for i, a in answers.items():
                     expect = bodies[i % len(bodies)][2]
-                    assert (a["rewards"] if args.reward else [a["score"]]) == (expect if args.reward else [expect])
+                    rewarded = args.reward or args.openrlhf
+                    assert (a["rewards"] if rewarded else [a["score"]]) == (expect if rewarded else [expect])
                 runs.append({"repeat": r, "clients": clients, "requests": n, "requests_per_s": rps,
                              "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000})
                 print(f"repeat {r} clients {clients:>2}: {rps:6.1f} req/s  p50 {runs[-1]['p50_ms']:6.0f} ms  "
@@ -160,22 +168,22 @@ def main() -> None:
         proc.terminate()
         proc.wait(60)
     merged = {m: float(v) for m, v in re.findall(r"^(worldpm_batched_requests_(?:sum|count)) (\S+)$", metrics, re.M)}
-    best = {c: max(x["requests_per_s"] for x in runs if x["clients"] == c) for c in (1, 8, 32, 64)}
+    best = {c: max(x["requests_per_s"] for x in runs if x["clients"] == c) for c in levels}
     ratio = [x["requests_per_s"] / next(y["requests_per_s"] for y in runs if y["clients"] == 1 and
-                                         y["repeat"] == x["repeat"]) for x in runs if x["clients"] == 32]
-    print(f"32 clients vs one at a time (best of each): {best[32] / best[1]:.2f}x; per repeat: "
-          + ", ".join(f"{v:.2f}x" for v in ratio) + " (target >= 3x)")
+                                         y["repeat"] == x["repeat"]) for x in runs if x["clients"] == top]
+    print(f"{top} clients vs one at a time (best of each): {best[top] / best[1]:.2f}x; per repeat: "
+          + ", ".join(f"{v:.2f}x" for v in ratio) + ("" if args.openrlhf else " (target >= 3x)"))
     per_round = merged["worldpm_batched_requests_sum"] / merged["worldpm_batched_requests_count"]
     print(f"requests merged per round, on average: {per_round:.1f}")
     out = Path(args.out or Path(__file__).parent / "results" / (
-        "serve_load" + "-short" * args.short + "-reward" * args.reward + ".json"))
+        "serve_load" + "-short" * args.short + "-reward" * args.reward + "-openrlhf" * args.openrlhf + ".json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "model": model, "endpoint": bodies[0][0], "tokens_per_request": tokens, "max_wait_ms": args.max_wait_ms,
         "short": args.short, "direct_requests_per_s": 1 / (sum(direct) / len(direct)),
         "direct_p50_ms": pct(direct, 0.5) * 1000, "direct_all_at_once_requests_per_s": batched,
-        "runs": runs, "ratio_32_vs_1": best[32] / best[1], "ratio_32_vs_1_per_repeat": ratio,
+        "runs": runs, f"ratio_{top}_vs_1": best[top] / best[1], f"ratio_{top}_vs_1_per_repeat": ratio,
         "mean_requests_per_round": per_round,
     }, indent=1))
     print(f"wrote {out}")

@@ -1,0 +1,132 @@
+"""A WorldPM reward function for TRL's GRPOTrainer and RLOOTrainer (the optional extra `[trl]`).
+
+    from worldpm_lite.trl import WorldPMReward
+    trainer = GRPOTrainer(model=policy, reward_funcs=[WorldPMReward("WorldPM-72B-gptq4")], ...)
+    trainer = GRPOTrainer(..., reward_funcs=[WorldPMReward("http://scorer:8000", api_key=KEY)])  # a `serve`
+
+TRL calls a reward function with keyword arguments: `prompts` and `completions` (plain strings, or
+lists of messages in its conversational format), `completion_ids`, the dataset's other columns and
+`trainer_state`; it wants one float per completion and names the function by `__name__` in its logs
+(`rewards/<name>/mean`). A plain-text prompt is the user's turn and its completion the assistant's
+reply; a conversational prompt is the messages the completion follows. The completions of one prompt
+(GRPO's group) are scored as a ranking, so the prompt runs once for all of them: in process through a
+Scorer, or remotely through `serve`'s /v1/score with a timeout and retries.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+NAME = "worldpm"
+RETRY = (429, 500, 502, 503, 504)  # worth another try; any other 4xx is the request's fault
+
+
+class WorldPMReward:
+    """model_or_url: a checkpoint directory (loaded with Scorer.from_pretrained(**scorer_args)), a
+    Scorer, or the URL of a running `worldpm-lite serve`. Remote calls time out after `timeout` seconds
+    and are tried `retries` times in all, waiting 1, 2, 4, ... s (or the server's Retry-After) between;
+    each carries at most `max_items` conversations (serve's --max-items is 512)."""
+
+    def __init__(self, model_or_url, *, name: str = NAME, timeout: float = 180.0, retries: int = 5,
+                 api_key: str | None = None, max_items: int = 256, **scorer_args):
+        from .scorer import Scorer
+
+        if retries < 1 or timeout <= 0:
+            raise ValueError(f"retries >= 1 and timeout > 0 expected, found {retries} and {timeout}")
+        self.__name__ = name
+        self.timeout, self.retries, self.api_key, self.max_items = timeout, retries, api_key, max_items
+        self.scorer = self.url = None
+        if isinstance(model_or_url, Scorer):
+            self.scorer = model_or_url
+        elif str(model_or_url).startswith(("http://", "https://")):
+            self.url = str(model_or_url).rstrip("/")
+        elif Path(model_or_url).is_dir():
+            self.scorer = Scorer.from_pretrained(model_or_url, **scorer_args)
+        else:
+            raise ValueError(f"model_or_url: expected a checkpoint directory, a Scorer or an http(s) URL of a "
+                             f"worldpm-lite serve, found {model_or_url!r}")
+
+    def __repr__(self) -> str:
+        return f"WorldPMReward({self.url or 'in-process Scorer'}, name={self.__name__!r})"
+
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"prompts and completions: expected as many of each, found {len(prompts)} and "
+                             f"{len(completions)}")
+        requests, members = [], []  # one ranking request per distinct prompt, and the completions it holds
+        index: dict[str, int] = {}
+        for n, (p, c) in enumerate(zip(prompts, completions)):
+            key = json.dumps(p, sort_keys=True)
+            if key not in index:
+                index[key] = len(requests)
+                requests.append({"prompt": p, "responses": []})
+                members.append([])
+            requests[index[key]]["responses"].append(_reply(c, n))
+            members[index[key]].append(n)
+        scores = self._rank(requests)
+        rewards = [0.0] * len(prompts)
+        for ns, ss in zip(members, scores):
+            for n, s in zip(ns, ss):
+                rewards[n] = s
+        return rewards
+
+    def _rank(self, requests: list[dict]) -> list[list[float]]:
+        if self.scorer is not None:
+            from .data import prompt_messages, with_response
+
+            groups = [self.scorer.group([with_response(r["prompt"], x, f"completions[{i}]")
+                                         for i, x in enumerate(r["responses"])], prompt_messages(r["prompt"], "prompt"))
+                      for r in requests]
+            return self.scorer.score_groups(groups)
+        out, chunk, size = [], [], 0
+        for r in requests:  # several posts when one would carry more than `max_items` conversations
+            if chunk and size + len(r["responses"]) > self.max_items:
+                out += self._post(chunk)
+                chunk, size = [], 0
+            chunk.append(r)
+            size += len(r["responses"])
+        return [r["scores"] for r in out + self._post(chunk)]
+
+    def _post(self, requests: list[dict]) -> list[dict]:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        wait = 1.0
+        for attempt in range(1, self.retries + 1):
+            try:
+                r = httpx.post(f"{self.url}/v1/score", json=requests, headers=headers, timeout=self.timeout)
+            except httpx.TransportError as e:  # refused, reset, timed out: the service may be restarting
+                problem, delay = f"{type(e).__name__}: {e}", wait
+            else:
+                if r.status_code == 200:
+                    return r.json()
+                message = _error_message(r)
+                if r.status_code not in RETRY:
+                    raise ValueError(f"{self.url}/v1/score answered {r.status_code}: {message}")
+                problem = f"{r.status_code}: {message}"
+                delay = float(r.headers["Retry-After"]) if r.headers.get("Retry-After", "").isdigit() else wait
+            if attempt == self.retries:
+                raise RuntimeError(f"{self.url}/v1/score: no answer after {self.retries} tries; last: {problem}")
+            time.sleep(delay)
+            wait *= 2
+        raise AssertionError("unreachable")
+
+
+def _reply(completion, n: int) -> str:
+    """The assistant's text of one completion: a string, or TRL's conversational [{"role": "assistant", ...}]."""
+    if isinstance(completion, str):
+        return completion
+    if (isinstance(completion, list) and completion and isinstance(completion[-1], dict)
+            and completion[-1].get("role") == "assistant" and isinstance(completion[-1].get("content"), str)):
+        return "".join(m.get("content") or "" for m in completion if m.get("role") == "assistant")
+    raise ValueError(f"completions[{n}]: expected a string or a list of messages ending with the assistant's, found "
+                     f"{type(completion).__name__}")
+
+
+def _error_message(r) -> str:
+    try:
+        return r.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return r.text[:200]
