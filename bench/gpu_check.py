@@ -394,14 +394,21 @@ def main():
 
         config = dataclasses.replace(SMOKE, vocab_size=WORLDPM_72B.vocab_size) if args.smoke else WORLDPM_72B
         result["quantize_layer"] = measure(config, device, tokens=512 if args.smoke else 8192, seq_len=256)
+    finish(result, name, args.out, start)
+
+
+def finish(result: dict, name: str, out: str, start: float) -> None:
+    """The summary of targets and failures, the JSON written to `out`, and the exit: 1 if a check failed."""
     result |= {"targets": TARGETS, "failures": FAILURES, "seconds": time.time() - start}
     print(f"\nsummary ({name}): {sum(t['pass'] for t in TARGETS)} of {len(TARGETS)} targets met; "
           f"{len(FAILURES)} failed correctness checks; {result['seconds']:.0f} s")
     for t in TARGETS:
         print(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['value']:.3g} {t['unit']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    for f in FAILURES:
+        print(f"  FAILED {f}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     sys.exit(1 if FAILURES else 0)
 
 

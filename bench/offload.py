@@ -22,13 +22,11 @@ memory within the cap in b and c. A score that differs from the resident model's
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
-from gpu_check import SMOKE, random_head, random_like  # bench/ is this script's folder
+from gpu_check import FAILURES, SMOKE, finish, random_head, random_like, target  # bench/ is this folder
 
 from worldpm_lite.checkpoint import GPTQSpec
 from worldpm_lite.model import meta_model
@@ -39,14 +37,6 @@ from worldpm_lite.plan import GIB, WORLDPM_72B, activation_reserve, placement_un
 from worldpm_lite.qlinear import share_scratch
 
 CAP = 24 * GIB
-FAILURES: list[str] = []
-TARGETS: list[dict] = []
-
-
-def target(name: str, value: float, goal: float, unit: str, higher_is_better: bool = True) -> None:
-    ok = value >= goal if higher_is_better else value <= goal
-    TARGETS.append({"target": name, "value": value, "goal": goal, "unit": unit, "pass": ok})
-    print(f"  {'PASS' if ok else 'FAIL'} {name}: {value:.3g} {unit} ({'>=' if higher_is_better else '<='} {goal:.3g})")
 
 
 def sync(device):
@@ -252,18 +242,7 @@ def main():
     for rows in (result.get(k, {}) for k in ("resident", "streamed_auto", "streamed_2_resident")):
         for row in rows.values():
             row.pop("scores", None)
-    result |= {"targets": TARGETS, "failures": FAILURES, "seconds": time.time() - start}
-    print(f"\nsummary ({name}): {sum(t['pass'] for t in TARGETS)} of {len(TARGETS)} targets met; "
-          f"{len(FAILURES)} failed correctness checks; {result['seconds']:.0f} s")
-    for t in TARGETS:
-        print(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['value']:.3g} {t['unit']}")
-    for f in FAILURES:
-        print(f"  FAILED {f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    sys.exit(1 if FAILURES else 0)
-
+    finish(result, name, args.out, start)
 
 if __name__ == "__main__":
     main()

@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "threads (default: 1)")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("serve", help="an HTTP scoring service for RL training loops (OpenRLHF's /get_reward)",
+    p = sub.add_parser("serve", help="an HTTP scoring service for RL trainers (OpenRLHF, vLLM pooling API, TRL)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Serve the model over HTTP (needs the [serve] extra: pip install "
                        "'worldpm-lite[serve]').\n\n"
