@@ -45,6 +45,7 @@ class StreamPlan:
     tflops: float
     flops_per_token_layer: float
     tokens_per_s: float
+    chosen: str = "hides"  # why this pass size: "given", "hides" (the copies) or "fastest" (none hides them)
 
     @property
     def pinned(self) -> int:
@@ -85,8 +86,12 @@ class StreamPlan:
             f"{self.pinned / GIB:.2f} GiB pinned, plus the embedding table ({self.embed_bytes / GIB:.2f} GiB) in "
             f"host memory; {self.host_needed / GIB:.2f} GiB of host memory needed with {HOST_SLACK / GIB:.0f} GiB "
             f"slack, {self.host_memory / GIB:.1f} GiB available",
-            f"tokens per pass: {t} (the smallest of {', '.join(map(str, STREAM_BUDGETS))} whose modelled speed is "
-            f">= {HIDDEN:.0%} of compute-bound; --token-budget overrides)",
+            f"tokens per pass: {t} (" + {
+                "given": "as given",
+                "hides": f"the smallest of {', '.join(map(str, STREAM_BUDGETS))} whose modelled speed is >= "
+                         f"{HIDDEN:.0%} of compute-bound; --token-budget / plan --batch-tokens overrides",
+                "fastest": f"none of {', '.join(map(str, STREAM_BUDGETS))} hides the copies: the fastest; "
+                           "--token-budget / plan --batch-tokens overrides"}[self.chosen] + ")",
             f"expected: {self.tokens_per_s:,.0f} tokens/s (modelled; compute-bound {bound:,.0f}): one layer computes "
             f"{t} tokens x {self.flops_per_token_layer / 1e9:.2f} GFLOP (linears) at {self.tflops:g} TFLOP/s = "
             f"{compute * 1e3:.1f} ms; one streamed layer copies {self.layer_bytes / 1e9:.2f} GB at "
@@ -168,9 +173,11 @@ def stream_plan(model, capacity: int, host_memory: int, token_budget: int | None
         candidates.append((speed, StreamPlan(capacity, host_memory, config.num_hidden_layers, resident,
                                              streamed, layer_bytes, head_bytes, embed_bytes, reserve, t,
                                              ring, h2d_gbps, tflops, flops, speed)))
-        if room >= 0 and speed >= HIDDEN * t / (config.num_hidden_layers * compute):
+        if room >= 0 and speed >= HIDDEN * t / (config.num_hidden_layers * compute) and not token_budget:
             return candidates[-1][1]
-    return max(candidates, key=lambda c: (c[1].gpu_used <= capacity, c[0]))[1]
+    best = max(candidates, key=lambda c: (c[1].gpu_used <= capacity, c[0]))[1]
+    best.chosen = "given" if token_budget else "fastest"
+    return best
 
 
 def host_memory_available() -> int:
