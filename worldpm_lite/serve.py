@@ -1,20 +1,25 @@
 """`worldpm-lite serve`: the scorer as an HTTP service for RL training loops (FastAPI + uvicorn,
 the optional extra `[serve]`).
 
-  POST /get_reward  OpenRLHF's remote reward model protocol: {"query": [text, ...], "prompts": [...]}
-                    -> {"rewards": [...]}. Each query is the whole conversation as the chat template
-                    renders it and is not templated again; <|endoftext|> padding at either end is
-                    dropped and one <|endoftext|> ends it (chat.encode_text). Queries with the same
-                    `prompts` entry share their common leading tokens' computation.
+  POST /get_reward  OpenRLHF's remote reward model protocol: {"query": [text, ...], "prompts": [...],
+                    "labels": [...]} -> {"rewards": [...], "scores": [...], "extra_logs": {}}. Each query
+                    is the whole conversation as the chat template renders it and is not templated
+                    again; <|endoftext|> padding at either end is dropped and one <|endoftext|> ends it
+                    (chat.encode_text). Queries with the same `prompts` entry share their common
+                    leading tokens' computation; labels are ignored.
+  POST /classify, /v1/classify, /pooling, GET /v1/models
+                    vLLM's pooling API in vLLM's shapes (vllm_api.py): what verl's reward loop sends.
   POST /v1/score    `score`'s request objects (one, or a list) -> its result objects.
   GET  /health      loaded, backend, devices, limits.
   GET  /metrics     Prometheus text: requests, conversations, tokens, batch sizes, latency, queue depth.
 
+With an API key every route but /health and /metrics wants `Authorization: Bearer <key>` (401 otherwise).
+
 Concurrent requests are merged into the scorer's batches (batcher.py). A served score is the number
 `Scorer.score` / `score_texts` gives for the same input (exactly, on the CPU). Bad input gets a 4xx
-JSON error {"error": {"code", "type", "message"}} naming the field; a full queue gets 503 with
-Retry-After. On SIGTERM or Ctrl-C the server stops accepting connections, answers every request
-it has, then exits.
+JSON error {"error": {"code", "type", "message"}} naming the field (vLLM's error object on vLLM's
+routes); a full queue gets 503 with Retry-After. On SIGTERM or Ctrl-C the server stops accepting
+connections, answers every request it has, then exits.
 """
 
 import asyncio
@@ -181,7 +186,8 @@ def create_app(scorer, model: str = "", max_items: int = MAX_ITEMS, max_queue: i
             state["prepare"].shutdown()
 
     app = FastAPI(title="worldpm-lite", lifespan=lifespan,
-                  description="WorldPM preference scores over HTTP. POST /get_reward (OpenRLHF), POST /v1/score.")
+                  description="WorldPM preference scores over HTTP. POST /get_reward (OpenRLHF), POST /classify "
+                  "and /pooling (vLLM's pooling API, as verl calls it), POST /v1/score.")
 
     def ours(code: int, kind: str, message: str, headers: dict | None = None, param: str | None = None):
         return JSONResponse({"error": {"code": code, "type": kind, "message": message}}, code, headers)
