@@ -13,7 +13,7 @@ import torch
 from .checkpoint import GPTQSpec, WorldPMConfig
 from .model import meta_model
 from .offload import Offload, layer_layout, spread
-from .plan import GIB, activation_reserve, place, placement_units, setups_that_fit
+from .plan import GIB, activation_reserve, check_visible, gpu_capacity, place, placement_units, setups_that_fit
 
 # Streamed execution (one GPU too small for every layer). Assumed card: an RTX 4090 (inputs of `plan`).
 H2D_GBPS = 24.0  # pinned host-to-device copies over PCIe 4.0 x16, others' measurements on 4090s
@@ -241,6 +241,30 @@ def auto_placement(ckpt, dtype: torch.dtype, capacity: dict[int, int], token_bud
                f"host; {token_budget or sp.token_budget} tokens per pass")
     return Placement({"": gpu, "model.embed_tokens": "cpu"}, Offload(sp.streamed, ring) if sp.streamed else None,
                      token_budget or sp.token_budget, summary)
+
+
+def place_checkpoint(ckpt, device: str, dtype: torch.dtype, max_memory: dict | None, token_budget: int | None,
+                     quant: str | None, offload, host_memory: int | None) -> Placement:
+    """Where Scorer.from_pretrained puts `ckpt`: device (from devices.check_device) and offload as it takes
+    them (None / True / False / an Offload)."""
+    if isinstance(offload, Offload):
+        return Placement(device if device == "cpu" else
+                         {"": 0 if device == "auto" else device, "model.embed_tokens": "cpu"}, offload)
+    if device == "auto" or (offload is True and device != "cpu"):
+        if max_memory is not None:
+            check_visible(gpu_capacity(max_memory))
+        if device == "auto":
+            capacity = gpu_capacity(max_memory)
+        else:  # one named GPU, streamed
+            index = torch.device(device).index or 0
+            capacity = ({index: gpu_capacity(max_memory)[index]} if max_memory else
+                        {index: torch.cuda.mem_get_info(index)[0]})
+        return auto_placement(ckpt, dtype, capacity, token_budget, quant, offload, host_memory)
+    if max_memory is not None:
+        raise ValueError("max_memory: only used with device='auto' on a machine with GPUs")
+    if offload is True:  # the CPU: every layer streams through the ring (host and compute tier both the CPU)
+        return Placement("cpu", Offload(tuple(range(ckpt.config.num_hidden_layers))))
+    return Placement(device)
 
 
 def plan_text(model: str, capacity: dict[int, int], bits: int | None, batch_tokens: int | None,

@@ -27,9 +27,9 @@ from .data import prompt_messages, with_response
 from .devices import check_device
 from .model import WorldPM, load_model
 from .offload import Offload
-from .offload_plan import MLP_CHUNK, Placement, auto_placement
+from .offload_plan import MLP_CHUNK, place_checkpoint
 from .packing import Group, pack, run_batches, shared_prefix
-from .plan import check_visible, gpu_capacity, parse_size
+from .plan import parse_size
 from .qlinear import GPTQLinear
 
 log = logging.getLogger(__name__)
@@ -223,23 +223,8 @@ class Scorer:
             host_memory = parse_size(host_memory)
         device = check_device(device)
         ckpt = Checkpoint(path)
-        placement = Placement(device)
-        if isinstance(offload, Offload):
-            placement = Placement(device if device == "cpu" else
-                                  {"": 0 if device == "auto" else device, "model.embed_tokens": "cpu"}, offload)
-        elif device == "auto" or (offload is True and device != "cpu"):
-            if max_memory is not None:
-                check_visible(gpu_capacity(max_memory))
-            capacity = gpu_capacity(max_memory)
-            if device != "auto":  # one named GPU, streamed
-                index = torch.device(device).index or 0
-                capacity = {index: capacity[index]} if max_memory else {index: torch.cuda.mem_get_info(index)[0]}
-            placement = auto_placement(ckpt, dtype or torch.bfloat16, capacity, kwargs.get("token_budget"), quant,
-                                       offload, host_memory)
-        elif max_memory is not None:
-            raise ValueError("max_memory: only used with device='auto' on a machine with GPUs")
-        elif offload is True:  # the CPU: every layer streams through the ring (host and compute tier both the CPU)
-            placement = Placement("cpu", Offload(tuple(range(ckpt.config.num_hidden_layers))))
+        placement = place_checkpoint(ckpt, device, dtype or torch.bfloat16, max_memory, kwargs.get("token_budget"),
+                                     quant, offload, host_memory)
         if log is not None and placement.summary:
             log(placement.summary)
         dm = placement.device_map
