@@ -158,6 +158,12 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def layer_of(name: str) -> int | None:
+    """The decoder layer index of tensor or module `name` ("model.layers.7.mlp..." -> 7), else None."""
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] else None
+
+
 def device_for(name: str, device_map: dict[str, torch.device]) -> torch.device:
     """The device of the longest device_map prefix that contains module or tensor `name`."""
     best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
@@ -211,14 +217,13 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
             on_the_fly.add(name)
             continue
         floating = t.is_floating_point() and not name.endswith(".scales")
-        parts = name.split(".")
-        if parts[1] == "layers" and int(parts[2]) in streamed:
-            host.put(streamed[int(parts[2])], ".".join(parts[3:]), t.to(dtype if floating else t.dtype))
+        if layer_of(name) in streamed:
+            host.put(streamed[layer_of(name)], name.split(".", 3)[3], t.to(dtype if floating else t.dtype))
             continue
         state[name] = t.to(device=device, dtype=dtype if floating else t.dtype)
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not any(k.startswith(n) for n in on_the_fly)
-               and not (k.split(".")[1] == "layers" and int(k.split(".")[2]) in streamed)]
+               and layer_of(k) not in streamed]
     if missing or result.unexpected_keys:  # the checkpoint was validated: this is a bug, not bad input
         raise RuntimeError(f"loading {ckpt.path}: missing {missing}, unexpected {result.unexpected_keys}")
     if streamed:
