@@ -1,5 +1,6 @@
 """GPTQ core as pure functions (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization
-for Generative Pre-trained Transformers"). Imports nothing of worldpm_lite.
+for Generative Pre-trained Transformers"). Imports nothing of worldpm_lite, except the column loop's
+Triton kernel (worldpm_lite.kernels.gptq_block), and that only when gptq() runs it.
 
 Conventions: a weight is [out, in] (nn.Linear). Quantization is per output row and per group of
 `group_size` input columns: w ~ (q - zero) * scale with q in [0, 2^bits - 1]. Scales and zeros
@@ -120,11 +121,16 @@ def rtn(w: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
                            _group_of_columns(cfg, n, None).to(w.device))
 
 
-def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name: str = "layer") -> QuantizedWeight:
+def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name: str = "layer",
+         kernel: bool | None = None) -> QuantizedWeight:
     """Quantize w [out, in] with the Hessian sum of its inputs (h_sum over `rows` rows).
 
     Falls back to RTN, with a warning naming the layer, when H is not positive definite even
     after damping. Works on w's device; w is not modified.
+
+    kernel: run each block's column loop as one Triton launch (kernels/gptq_block.py, the same
+    arithmetic, bit for bit) instead of ~15 torch ops per column. None: on a CUDA device only;
+    True on a CPU tensor needs Triton's interpreter (TRITON_INTERPRET=1 before the kernel's import).
     """
     out, n = w.shape
     cfg.groups(n)
@@ -159,24 +165,33 @@ def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name
     scales = torch.zeros(groups, out, device=W.device)
     zeros = torch.zeros(groups, out, device=W.device)
     scale = zero = None
+    use_kernel = W.is_cuda if kernel is None else kernel
+    if use_kernel:
+        from worldpm_lite.kernels.gptq_block import gptq_block  # imports Triton: only when used
     for i1 in range(0, n, cfg.block_size):  # lazy batch of columns
         i2 = min(i1 + cfg.block_size, n)
-        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=W.device)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            col = i1 + j
-            if col % size == 0:  # a new group: its grid comes from the updated, not yet quantized weights
-                # only the group's own columns: copying all later ones made a full-size layer take >25 min
-                group_w = torch.cat([W1[:, j:j + size], W[:, i2:i2 + max(0, size - (i2 - i1 - j))]], dim=1)
-                scale, zero = find_params(group_w, cfg)
-                scales[col // size], zeros[col // size] = scale[:, 0], zero[:, 0]
-            wcol = W1[:, j]
-            q = quantize(wcol.unsqueeze(1), scale, zero, cfg.maxq)
-            Q[:, col] = q[:, 0]
-            err = (wcol - dequantize(q, scale, zero)[:, 0]) / Hinv1[j, j]
-            W1[:, j:] -= err.unsqueeze(1) * Hinv1[j, j:].unsqueeze(0)  # OBS update of the rest of the block
-            Err1[:, j] = err
-        W[:, i1:i2] = W1
+        if use_kernel:  # the loop below in one launch; W[:, i1:i2] is updated in place
+            start = (i2 - 1) // size * size  # the group of the block's last column: its columns past the block
+            tail = W[:, i2:start + size] if i1 <= start and start + size > i2 else None
+            Q[:, i1:i2], Err1 = gptq_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scales, zeros, i1, size, cfg.maxq,
+                                           cfg.sym, tail)
+        else:
+            W1, Err1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=W.device)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for j in range(i2 - i1):
+                col = i1 + j
+                if col % size == 0:  # a new group: its grid comes from the updated, not yet quantized weights
+                    # only the group's own columns: copying all later ones made a full-size layer take >25 min
+                    group_w = torch.cat([W1[:, j:j + size], W[:, i2:i2 + max(0, size - (i2 - i1 - j))]], dim=1)
+                    scale, zero = find_params(group_w, cfg)
+                    scales[col // size], zeros[col // size] = scale[:, 0], zero[:, 0]
+                wcol = W1[:, j]
+                q = quantize(wcol.unsqueeze(1), scale, zero, cfg.maxq)
+                Q[:, col] = q[:, 0]
+                err = (wcol - dequantize(q, scale, zero)[:, 0]) / Hinv1[j, j]
+                W1[:, j:] -= err.unsqueeze(1) * Hinv1[j, j:].unsqueeze(0)  # OBS update of the rest of the block
+                Err1[:, j] = err
+            W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # deferred update of all later columns
     g_idx = _group_of_columns(cfg, n, perm).to(W.device)
     if perm is not None:
