@@ -4,7 +4,8 @@ layer in memory at a time.
 Work happens in a staging directory beside the output (`.NAME.partial`): one shard per decoder
 layer, written atomically as each layer finishes, and `progress.json` saying how far it got.
 `resume=True` replays the finished layers from their shards (to rebuild the next layer's
-inputs exactly) and goes on; the bytes come out the same as an uninterrupted run. Only when every
+inputs exactly) and goes on; the bytes come out the same as an uninterrupted run. It refuses other
+settings or calibration, and a source shard whose size or modification time changed. Only when every
 shard, the index, config.json and the tokenizer files are written is the staging directory
 renamed to the output: a crash never leaves a directory that looks complete.
 """
@@ -84,6 +85,25 @@ class Progress:
     fingerprint: str
     layers_done: int = 0
     layers: list[dict] = field(default_factory=list)  # per-layer log entries
+    sources: dict = field(default_factory=dict)  # source shard -> [bytes, mtime ns] (source_stamps)
+
+
+def source_stamps(src_dir: Path, shards) -> dict[str, list[int]]:
+    """Each source shard's size and modification time (ns). Reading every byte of a 143 GB source to
+    hash it would take minutes; a replaced or rewritten shard changes one of these."""
+    return {f: [st.st_size, st.st_mtime_ns] for f in sorted(set(shards)) for st in [(src_dir / f).stat()]}
+
+
+def changed_sources(src_dir: Path, saved: dict, now: dict) -> list[str]:
+    """The shards whose stamps differ between an interrupted run and now, in words."""
+    out = []
+    for f in sorted(set(saved) | set(now)):
+        a, b = saved.get(f), now.get(f)
+        if a is None or b is None:
+            out.append(f"{src_dir / f} ({'new' if a is None else 'gone'} since the run started)")
+        elif a != b:
+            out.append(f"{src_dir / f} (size {a[0]} -> {b[0]} bytes, modification time {a[1]} -> {b[1]} ns)")
+    return out
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -155,12 +175,17 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
         if not name.startswith("model.layers.") and name != "model.embed_tokens.weight":
             check_finite(src, name, src.tensor(name))
     src.release()
+    sources = source_stamps(src_dir, src.weight_map.values())
     run_id = fingerprint([[file_sha256(src_dir / "config.json")], [json.dumps(asdict(settings), sort_keys=True)],
-                          [fingerprint(calibration)], sorted(set(src.weight_map.values()))])
-    progress = Progress(run_id)
+                          [fingerprint(calibration)], [json.dumps(sources, sort_keys=True)]])
+    progress = Progress(run_id, sources=sources)
     if staging.exists():
         saved = json.loads((staging / PROGRESS).read_text()) if (staging / PROGRESS).exists() else {}
         if saved.get("fingerprint") != run_id:
+            changed = changed_sources(src_dir, saved["sources"], sources) if saved.get("sources") else []
+            if changed:
+                raise ValueError(f"{staging}: was started from another source checkpoint: {'; '.join(changed)}; "
+                                 "delete it or rerun with the original source")
             raise ValueError(f"{staging}: was started with other settings, source or calibration; "
                              "delete it or rerun with the original ones")
         progress = Progress(**saved)

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import pytest
 import torch
 from helpers import SMALL, add_tokenizer, random_state
 from safetensors import safe_open
+from worldpm_lite.quantize import run
 from worldpm_lite.quantize.pack import dequantize_packed
 
 from worldpm_lite.checkpoint import Checkpoint, write_checkpoint
@@ -145,6 +148,39 @@ def test_resume_with_other_settings_is_refused(tmp_path, deep_dir, capsys):
     (staging / "progress.json").write_text(json.dumps({"fingerprint": "other", "layers_done": 2, "layers": []}))
     assert main(["quantize", "--model", str(deep_dir), "--out", str(tmp_path / "o"), "--resume", *FAST]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_resume_from_a_changed_source_is_refused(tmp_path, small_dir, monkeypatch, capsys):
+    """A source shard touched (or replaced) between an interrupted run and --resume: the finished layers
+    were made from other weights, so resuming would mix two models in one checkpoint."""
+    src, cal = tmp_path / "src", tmp_path / "cal.jsonl"
+    shutil.copytree(small_dir, src)
+    cal.write_text(json.dumps({"prompt": "Tips for better sleep?", "chosen": "A dark room.", "rejected": "idk"}) + "\n")
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(src), "--out", str(out), "--calibration", str(cal)]
+    save = run._save_atomic
+
+    def save_then_crash(tensors, path):  # layer 0's shard is written, then the run dies
+        save(tensors, path)
+        raise RuntimeError("crash")
+
+    monkeypatch.setattr(run, "_save_atomic", save_then_crash)
+    with pytest.raises(RuntimeError, match="crash"):
+        main(args)
+    monkeypatch.undo()
+    shard = src / "model-00001-of-00002.safetensors"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten with the same size
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"was started from another source checkpoint: {shard} (size {st.st_size} -> {st.st_size} bytes, " \
+           f"modification time {st.st_mtime_ns} -> {st.st_mtime_ns + 10**9} ns)" in err, err
+    assert "model-00002-of-00002" not in err  # only what changed is named
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # the original source again: resumed
+    assert main([*args, "--resume"]) == 0 and Checkpoint(out).quant.bits == 4
+    assert run.changed_sources(src, {"a": [1, 2], "b": [3, 4]}, {"a": [5, 2], "c": [3, 4]}) == [
+        f"{src / 'a'} (size 1 -> 5 bytes, modification time 2 -> 2 ns)", f"{src / 'b'} (gone since the run started)",
+        f"{src / 'c'} (new since the run started)"]
 
 
 @pytest.mark.parametrize("name, value, counts", [
