@@ -1,10 +1,10 @@
 """Streaming GPTQ over a WorldPM checkpoint: one decoder layer in memory at a time.
 
-For each layer: load only its tensors (mmap), then for each sequential group of linears
-(q/k/v -> o -> gate/up -> down) run the calibration activations through the layer collecting
-the group's input Hessian, GPTQ the group and put the quantized weights back, so each group
-sees the inputs the already-quantized groups before it produce. One last pass with every
-weight quantized makes the next layer's inputs.
+For each layer: load only its tensors (mmap; the next layer's are read meanwhile), then for each
+sequential group of linears (q/k/v -> o -> gate/up -> down) run the calibration activations
+through the layer collecting the group's input Hessian, GPTQ the group and put the quantized
+weights back, so each group sees the inputs the already-quantized groups before it produce. One
+last pass with every weight quantized makes the next layer's inputs.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import ctypes
 import ctypes.util
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from worldpm_lite.checkpoint import LAYER_GROUPS, CheckpointError
+from worldpm_lite.checkpoint import LAYER_GROUPS, Checkpoint, CheckpointError
 
 from .gptq import QuantConfig, QuantizedWeight, gptq, hessian_add, hessian_init, rtn
 
@@ -113,6 +114,37 @@ def load_layer(ckpt, index: int, dtype=torch.float32, device="cpu"):
     return layer.eval()
 
 
+class LayerReader:
+    """A checkpoint's decoder layers in order, layer i + 1 read from disk by a background thread while
+    the caller works on layer i (issue 23: a full-size layer is 1.75 GB of bf16 to read and convert).
+
+    The thread reads through its own Checkpoint (its own mmaps, released after each layer) into fp32
+    on the host; take(i) waits for layer i, starts reading i + 1 and moves layer i to `device`, so the
+    device never holds two layers. Host memory: the caller's layer and the one being read, provided
+    the caller drops each layer before taking the next. A read's error (a damaged tensor) is raised
+    by the take() of that layer, after the caller has finished the layers before it."""
+
+    def __init__(self, ckpt, device="cpu"):
+        self.reader, self.device = Checkpoint(ckpt.path), device
+        self.count, self.next = ckpt.config.num_hidden_layers, 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
+        self.ahead = self.pool.submit(load_layer, self.reader, 0)
+
+    def take(self, i: int):
+        if i != self.next:
+            raise ValueError(f"LayerReader.take: expected layer {self.next} (layers come in order), asked for {i}")
+        layer = self.ahead.result()
+        self.next += 1
+        self.ahead = self.pool.submit(load_layer, self.reader, self.next) if self.next < self.count else None
+        return layer.to(self.device)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True, cancel_futures=True)  # a read in flight finishes before its pages go
+
+
 def make_rope(ckpt, device="cpu") -> Callable:
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
@@ -149,11 +181,12 @@ def stream_layers(ckpt, calibration: list[list[int]], cfg: QuantConfig, device="
     """
     hidden = embed(ckpt, calibration)
     rope = make_rope(ckpt, device)
-    for i in range(ckpt.config.num_hidden_layers):
-        layer = load_layer(ckpt, i, device=device)
-        quantized, reports = quantize_layer(layer, hidden, rope, cfg, prefix=f"model.layers.{i}.", rtn_only=rtn_only,
-                                            hessian_transform=hessian_transform)
-        hidden = run_layer(layer, hidden, rope)  # the next layer's inputs, made by the quantized layer
-        yield i, quantized, reports, layer
-        del layer
-        return_freed_memory()
+    with LayerReader(ckpt, device) as layers:
+        for i in range(ckpt.config.num_hidden_layers):
+            layer = layers.take(i)
+            quantized, reports = quantize_layer(layer, hidden, rope, cfg, prefix=f"model.layers.{i}.",
+                                                rtn_only=rtn_only, hessian_transform=hessian_transform)
+            hidden = run_layer(layer, hidden, rope)  # the next layer's inputs, made by the quantized layer
+            yield i, quantized, reports, layer
+            del layer
+            return_freed_memory()

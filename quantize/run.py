@@ -41,7 +41,7 @@ from worldpm_lite.devices import check_device
 from .calibration import builtin_calibration, file_calibration, fingerprint
 from .gptq import QuantConfig
 from .pack import dequantize_packed, pack
-from .pipeline import check_finite, embed, load_layer, make_rope, quantize_layer, return_freed_memory, run_layer
+from .pipeline import LayerReader, check_finite, embed, make_rope, quantize_layer, return_freed_memory, run_layer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -200,30 +200,31 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
     rope = make_rope(src, device)
     if layer_bar is not None:
         layer_bar.reset(total=n_layers)
-    for i in range(n_layers):
-        layer = load_layer(src, i, device=device)
-        shard = staging / shard_name(i, total)
-        if i < progress.layers_done:
-            _replay_layer(layer, shard, i, settings.bits)
-        else:
-            t0 = time.time()
-            before = run_layer(layer, hidden[:8], rope)
-            quantized, reports = quantize_layer(layer, hidden, rope, cfg, prefix=f"model.layers.{i}.",
-                                                rtn_only=settings.method == "rtn")
-            after = run_layer(layer, hidden[:8], rope)
-            rel = (sum(((a - b) ** 2).sum() for a, b in zip(after, before)) /
-                   sum((b ** 2).sum() for b in before)).item()
-            _save_atomic(_layer_tensors(src, i, quantized, settings.bits), shard)
-            progress.layers.append({"layer": i, "seconds": round(time.time() - t0, 3), "output_rel_error": rel,
-                                    "linears": [{"name": r.name, "error": r.gptq_error, "rtn_error": r.rtn_error}
-                                                for r in reports]})
-            progress.layers_done = i + 1
-            write_json_atomic(staging / PROGRESS, asdict(progress))
-        hidden = run_layer(layer, hidden, rope)
-        del layer
-        return_freed_memory()
-        if layer_bar is not None:
-            layer_bar.update(1)
+    with LayerReader(src, device) as layers:
+        for i in range(n_layers):
+            layer = layers.take(i)  # layer i + 1 is read meanwhile
+            shard = staging / shard_name(i, total)
+            if i < progress.layers_done:
+                _replay_layer(layer, shard, i, settings.bits)
+            else:
+                t0 = time.time()
+                before = run_layer(layer, hidden[:8], rope)
+                quantized, reports = quantize_layer(layer, hidden, rope, cfg, prefix=f"model.layers.{i}.",
+                                                    rtn_only=settings.method == "rtn")
+                after = run_layer(layer, hidden[:8], rope)
+                rel = (sum(((a - b) ** 2).sum() for a, b in zip(after, before)) /
+                       sum((b ** 2).sum() for b in before)).item()
+                _save_atomic(_layer_tensors(src, i, quantized, settings.bits), shard)
+                progress.layers.append({"layer": i, "seconds": round(time.time() - t0, 3), "output_rel_error": rel,
+                                        "linears": [{"name": r.name, "error": r.gptq_error, "rtn_error": r.rtn_error}
+                                                    for r in reports]})
+                progress.layers_done = i + 1
+                write_json_atomic(staging / PROGRESS, asdict(progress))
+            hidden = run_layer(layer, hidden, rope)
+            del layer
+            return_freed_memory()
+            if layer_bar is not None:
+                layer_bar.update(1)
 
     rest = {n: check_finite(src, n, src.tensor(n)) for n in src.names() if not n.startswith("model.layers.")}
     _save_atomic(rest, staging / shard_name(n_layers, total))
