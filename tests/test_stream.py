@@ -213,16 +213,16 @@ for inp, out in runs:
     growth.append(status_mib("VmHWM:") - before)
 print(json.dumps(growth))
 """
-ID_BYTES = 4096  # per line; echoed in its result, so holding lines, requests or results costs ~80 MiB at 20,000
+ID_BYTES = 8192  # per line; echoed in its result, so holding lines, requests or results costs ~80 MiB at 10,000
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads Linux's per-process peak RSS")
 def test_memory_does_not_grow_with_the_input(tmp_path, ci_notes):
-    """Scoring 20,000 lines raises the peak no more than 2,000 lines do, plus a small constant. Each
-    line carries a 4 KiB id, so holding the lines, the requests or the results would take about 80 MiB
-    more (measured with the requests held on purpose: +80 MiB)."""
+    """Scoring 10,000 lines raises the peak no more than 1,000 lines do, plus a small constant. Each
+    line carries an 8 KiB id, so holding the lines, the requests or the results would take about 80 MiB
+    more (measured with the input's lines held on purpose: +56 MiB over 1,000 lines, against a 16 MiB limit)."""
     model = add_tokenizer(write_checkpoint(tmp_path / "micro", MICRO, random_state(MICRO)))
-    runs, sizes = [], (2_000, 20_000)
+    runs, sizes = [], (1_000, 10_000)
     for n in sizes:
         inp = tmp_path / f"in{n}.jsonl"
         with open(inp, "w") as f:
@@ -237,9 +237,9 @@ def test_memory_does_not_grow_with_the_input(tmp_path, ci_notes):
     rss = dict(zip(sizes, json.loads(done.stdout.splitlines()[-1])))
     for n in sizes:
         assert sum(1 for _ in open(tmp_path / f"out{n}.jsonl")) == n
-    ci_notes.append(f"score: peak RSS above its start, 2,000 lines {rss[2_000]:.1f} MiB, 20,000 lines "
-                    f"{rss[20_000]:.1f} MiB ({ID_BYTES} B ids)")
-    assert rss[20_000] <= rss[2_000] + 16, rss
+    ci_notes.append(f"score: peak RSS above its start, 1,000 lines {rss[1_000]:.1f} MiB, 10,000 lines "
+                    f"{rss[10_000]:.1f} MiB ({ID_BYTES} B ids)")
+    assert rss[10_000] <= rss[1_000] + 16, rss
 
 
 def test_fidelity_resumes_without_rescoring_finished_models(tmp_path, small_dir, data, monkeypatch, capsys):
