@@ -9,7 +9,7 @@ from worldpm_lite.quantize.calibration import builtin_calibration
 
 from worldpm_lite.cli import main
 from worldpm_lite.data import parse_request
-from worldpm_lite.fidelity import Candidate, compare, compared_pairs
+from worldpm_lite.fidelity import Candidate, compare, compared_pairs, flat_scores
 from worldpm_lite.instrument import (
     GATES_4BIT,
     GATES_8BIT,
@@ -137,17 +137,26 @@ def rtn4_layers(reference, layer_seqs):
                                                                 device="cpu").model, layer_seqs)
 
 
-def test_fidelity_gates_on_the_small_model(tmp_path, tiny_dir, heldout_file, reference, layer_seqs, rtn4_layers,
-                                           ci_notes):
+CANDIDATES = {"gptq8": (8, "gptq"), "gptq4": (4, "gptq"), "rtn4": (4, "rtn")}
+
+
+@pytest.fixture(scope="module")
+def gates_report(tmp_path_factory, tiny_dir, heldout_file):
+    """`worldpm-lite fidelity` of the real `quantize` outputs against the bf16 model on its 500
+    held-out pairs: the report folder (report.json, scores-0.jsonl of the reference, ...)."""
+    out = tmp_path_factory.mktemp("gates") / "report"
+    candidates = [a for bits, method in CANDIDATES.values()
+                  for a in ("--candidate", str(tiny_quantized_dir(bits, method=method)))]
+    assert main(["fidelity", "--reference", str(tiny_dir), *candidates, "--data", str(heldout_file),
+                 "--report", str(out)]) == 0
+    return out
+
+
+def test_fidelity_gates_on_the_small_model(gates_report, tiny_dir, reference, layer_seqs, rtn4_layers, ci_notes):
     """The CI gates (worldpm_lite/instrument.py) on the real `quantize` output: 8-bit and 4-bit GPTQ
     against the bf16 model on its 500 held-out pairs, and GPTQ's held-out error per layer against
     round-to-nearest's at 4 bits."""
-    cands = {"gptq8": tiny_quantized_dir(8), "gptq4": tiny_quantized_dir(4),
-             "rtn4": tiny_quantized_dir(4, method="rtn")}
-    out = tmp_path / "gates"
-    candidates = [a for d in cands.values() for a in ("--candidate", str(d))]
-    assert main(["fidelity", "--reference", str(tiny_dir), *candidates, "--data", str(heldout_file),
-                 "--report", str(out)]) == 0
+    out, cands = gates_report, {k: tiny_quantized_dir(bits, method=method) for k, (bits, method) in CANDIDATES.items()}
     report = json.loads((out / "report.json").read_text())
     m = dict(zip(cands, (c["metrics"] for c in report["candidates"])))
     assert report["pairs"] >= 490 and report["reference_label_accuracy"] >= 0.74  # the instrument has resolution
@@ -165,14 +174,14 @@ def test_fidelity_gates_on_the_small_model(tmp_path, tiny_dir, heldout_file, ref
 
 
 def test_gates_fail_a_clearly_worse_quantizer(tiny_dir, tiny_heldout, reference, layer_seqs, rtn4_layers,
-                                              ci_notes):
+                                              gates_report, ci_notes):
     """Negative controls through the same gates: 3-bit round-to-nearest, and 4-bit GPTQ fed a
     permuted Hessian (the true one's spectrum, the wrong correlations). A gate that can no longer
     fail them measures nothing."""
     calibration = builtin_calibration(reference.tokenizer, **TINY_QUANT)
     requests = [parse_request({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) for p in tiny_heldout]
     seqs = [ids for p in tiny_heldout for ids in (p.chosen_ids, p.rejected_ids)]
-    ref = np.array(reference.score_ids(seqs))
+    ref = flat_scores(gates_report / "scores-0.jsonl")  # the reference's scores of the same 1,000 conversations
     controls = {"rtn3": dict(bits=3, method="rtn"), "gptq4-permuted-hessian": dict(bits=4,
                                                                                  hessian_transform=permuted_hessian()),
                 "rtn8": dict(bits=8, method="rtn")}
