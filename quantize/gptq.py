@@ -9,6 +9,7 @@ are [n_groups, out]; `g_idx[i]` is the group of input column i (not monotone und
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -99,6 +100,24 @@ def hessian_add(h_sum: torch.Tensor, x: torch.Tensor) -> int:
     return x.shape[0]
 
 
+class Clock:
+    """Wall seconds by phase: lap(name) adds the time since the previous lap to times[name]. It waits for
+    the GPU's queue at each lap (so each phase is charged its own kernels), hence does nothing at all
+    unless `times` is given: bench/quantize_layer_cost.py passes one, the pipeline does not."""
+
+    def __init__(self, times: dict | None = None, device="cpu"):
+        self.times, self.cuda, self.last = times, torch.device(device).type == "cuda", time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.times is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.last
+        self.last = now
+
+
 def _group_of_columns(cfg: QuantConfig, in_features: int, perm: torch.Tensor | None) -> torch.Tensor:
     """g_idx: group of each input column. Under act-order, groups follow the quantization order."""
     size = in_features if cfg.group_size == -1 else cfg.group_size
@@ -122,7 +141,7 @@ def rtn(w: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
 
 
 def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name: str = "layer",
-         kernel: bool | None = None) -> QuantizedWeight:
+         kernel: bool | None = None, clock: Clock | None = None) -> QuantizedWeight:
     """Quantize w [out, in] with the Hessian sum of its inputs (h_sum over `rows` rows).
 
     Falls back to RTN, with a warning naming the layer, when H is not positive definite even
@@ -131,7 +150,9 @@ def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name
     kernel: run each block's column loop as one Triton launch (kernels/gptq_block.py, the same
     arithmetic, bit for bit) instead of ~15 torch ops per column. None: on a CUDA device only;
     True on a CPU tensor needs Triton's interpreter (TRITON_INTERPRET=1 before the kernel's import).
+    clock: charges the time to "factor" (damping, Cholesky, inverse), "column_loop" and "deferred_gemm".
     """
+    clock = clock or Clock()
     out, n = w.shape
     cfg.groups(n)
     W = w.float().clone()
@@ -159,6 +180,7 @@ def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name
         warnings.warn(f"{name}: Hessian inverse has NaN; using round-to-nearest", stacklevel=2)
         return rtn(w, cfg)
 
+    clock.lap("factor")
     size = n if cfg.group_size == -1 else cfg.group_size
     groups = n // size
     Q = torch.zeros_like(W, dtype=torch.int32)
@@ -192,7 +214,9 @@ def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name
                 W1[:, j:] -= err.unsqueeze(1) * Hinv1[j, j:].unsqueeze(0)  # OBS update of the rest of the block
                 Err1[:, j] = err
             W[:, i1:i2] = W1
+        clock.lap("column_loop")
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # deferred update of all later columns
+        clock.lap("deferred_gemm")
     g_idx = _group_of_columns(cfg, n, perm).to(W.device)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from worldpm_lite.quantize.gptq import (
+    Clock,
     QuantConfig,
     dequantize,
     find_params,
@@ -75,6 +76,17 @@ def test_eight_bit_error_far_below_four_bit():
     e4 = layer_error(w, gptq(w, h, rows, QuantConfig(bits=4)).dequantize(), x)
     e8 = layer_error(w, gptq(w, h, rows, QuantConfig(bits=8)).dequantize(), x)
     assert e8 < e4 / 50
+
+
+def test_a_clock_charges_each_phase_and_changes_nothing():
+    x, w = correlated_inputs(400, 256, 5), torch.randn(48, 256, generator=torch.Generator().manual_seed(6))
+    h = hessian_init(256)
+    rows = hessian_add(h, x)
+    times = {}
+    timed, plain = gptq(w, h, rows, QuantConfig(), clock=Clock(times)), gptq(w, h, rows, QuantConfig())
+    assert timed.q.equal(plain.q) and timed.scales.equal(plain.scales)
+    assert set(times) == {"factor", "column_loop", "deferred_gemm"} and all(t > 0 for t in times.values())
+    Clock().lap("factor")  # without a dict: nothing to charge, nothing waited for
 
 
 def test_fallback_to_rtn_names_the_layer():
