@@ -20,7 +20,7 @@ import torch
 
 from worldpm_lite.checkpoint import LAYER_GROUPS, Checkpoint, CheckpointError
 
-from .gptq import QuantConfig, QuantizedWeight, gptq, hessian_add, hessian_init, rtn
+from .gptq import Clock, QuantConfig, QuantizedWeight, gptq, hessian_add, hessian_init, rtn
 
 
 @dataclass
@@ -37,56 +37,133 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h_sum: torch.Tensor, rows
     return ((d @ h_sum) * d).sum().item() / (2 * w.shape[0] * max(rows, 1))
 
 
-def run_layer(layer, inputs: list[torch.Tensor], rope: Callable) -> list[torch.Tensor]:
-    """inputs: one [1, T, h] tensor per calibration sequence (no padding: each runs alone), kept
-    where they are (the host); each runs on the layer's device."""
+# Padded tokens per calibration batch, by device type. A CPU runs one sequence at a time: a sequence's
+# bits then do not depend on its neighbours (CPU attention blocks its work by the padded length), and
+# the CPU's output is byte for byte that of earlier versions. A GPU's GEMMs want more rows than one
+# conversation has; 8192 tokens keep an MLP intermediate of WorldPM-72B at 1 GB in fp32.
+BATCH_TOKENS = {"cuda": 8192}
+
+
+class _Reached(Exception):
+    """Raised by a forward pre-hook: the layer has computed the input that was asked for."""
+
+
+def forward(layer, x: torch.Tensor, rope: Callable, until=None, compute_dtype: torch.dtype | None = None):
+    """layer(x) for x [B, T, h] on the layer's device, causal; until: one of the layer's linears, whose
+    input [B, T, in] is returned instead, the layer run only as far as that (q/k/v's input needs only the
+    input norm, down's needs everything but down itself). The same modules and arithmetic either way.
+    compute_dtype: autocast the layer's arithmetic to this dtype (None: as stored, fp32)."""
+    pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    got = []
+
+    def reached(_module, args):
+        got.append(args[0])
+        raise _Reached
+
+    handle = None if until is None else until.register_forward_pre_hook(reached)
+    try:
+        with torch.autocast(x.device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
+            return layer(x, attention_mask=None, position_ids=pos, position_embeddings=rope(x, pos))
+    except _Reached:
+        return got[0]
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def padded_batches(inputs: list[torch.Tensor], batch_tokens: int | None, dev):
+    """(sequence indices, x [B, T, h] on `dev`, lengths) covering `inputs` (each [1, T_k, h]).
+    batch_tokens None: each sequence alone, in order, unpadded (the arithmetic of a lone sequence).
+    Else sequences sorted by length run together, zero-padded on the right to the longest, at most
+    batch_tokens padded tokens a batch (one longer sequence alone): causal attention keeps the
+    padding, which comes after every real token, out of every real token's result."""
+    if batch_tokens is None:
+        for k, x in enumerate(inputs):
+            yield [k], x.to(dev), [x.shape[1]]
+        return
+    order = sorted(range(len(inputs)), key=lambda k: inputs[k].shape[1])
+    while order:
+        take = 1
+        while take < len(order) and (take + 1) * inputs[order[take]].shape[1] <= batch_tokens:
+            take += 1
+        idx, order = order[:take], order[take:]
+        lengths = [inputs[k].shape[1] for k in idx]
+        x = inputs[idx[0]].new_zeros(len(idx), lengths[-1], inputs[idx[0]].shape[2], device=dev)
+        for b, k in enumerate(idx):
+            x[b, :lengths[b]] = inputs[k][0]
+        yield idx, x, lengths
+
+
+def run_layer(layer, inputs: list[torch.Tensor], rope: Callable, batch_tokens: int | None = None,
+              compute_dtype: torch.dtype | None = None, in_place: bool = False) -> list[torch.Tensor]:
+    """The layer's fp32 outputs for inputs (one [1, T, h] tensor per calibration sequence), each where
+    its input is, computed on the layer's device (batches: padded_batches). in_place: the outputs
+    replace the inputs in `inputs` as each batch finishes, so only one copy of the activations exists."""
     dev = layer.input_layernorm.weight.device
-    outs = []
-    for x in inputs:
-        xd = x.to(dev)
-        pos = torch.arange(x.shape[1], device=dev).unsqueeze(0)
-        outs.append(layer(xd, attention_mask=None, position_ids=pos, position_embeddings=rope(xd, pos)).to(x.device))
+    outs = inputs if in_place else [None] * len(inputs)
+    for idx, x, lengths in padded_batches(inputs, batch_tokens, dev):
+        y = forward(layer, x, rope, compute_dtype=compute_dtype).float()
+        for b, (k, n) in enumerate(zip(idx, lengths)):
+            home = inputs[k].device
+            outs[k] = y[b:b + 1, :n].to(home) if len(idx) == 1 else y[b:b + 1, :n].to(home, copy=True)
     return outs
 
 
-def input_hessian(layer, linear, inputs: list[torch.Tensor], rope: Callable) -> tuple[torch.Tensor, int]:
-    """Hessian sum of `linear`'s inputs while the calibration runs through `layer`, and the row count."""
-    h_sum, rows = hessian_init(linear.in_features, device=linear.weight.device), [0]
+def input_hessian(layer, linear, inputs: list[torch.Tensor], rope: Callable, batch_tokens: int | None = None,
+                  compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
+    """Hessian sum (fp32) of `linear`'s inputs over the calibration, and the row count; the layer runs
+    only up to `linear`. Sequences alone (batch_tokens None) add in calibration order, one add each."""
+    h_sum, rows = hessian_init(linear.in_features, device=linear.weight.device), 0
+    for idx, x, lengths in padded_batches(inputs, batch_tokens, linear.weight.device):
+        got = forward(layer, x, rope, until=linear, compute_dtype=compute_dtype)  # [B, T, in]
+        rows += hessian_add(h_sum, got if len(idx) == 1 else torch.cat([got[b, :n] for b, n in enumerate(lengths)]))
+    return h_sum, rows
 
-    def collect(_module, args):
-        rows[0] += hessian_add(h_sum, args[0])
 
-    handle = linear.register_forward_pre_hook(collect)
-    try:
-        run_layer(layer, inputs, rope)
-    finally:
-        handle.remove()
-    return h_sum, rows[0]
+def keep_on_device(hidden: list[torch.Tensor], layer) -> list[torch.Tensor]:
+    """The calibration activations on the layer's GPU when they fit beside what the layer needs there
+    (its weights once more and GPTQ's workspace, four n x n fp32 for its widest input n), else on the
+    host: they then cross to the GPU one batch at a time in every pass. On a CPU: unchanged."""
+    dev = layer.input_layernorm.weight.device
+    if dev.type != "cuda":
+        return hidden
+    n = max(m.in_features for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    reserve = 16 * n * n + sum(p.numel() * p.element_size() for p in layer.parameters())
+    moving = sum(x.numel() * x.element_size() for x in hidden if x.device != dev)
+    home = dev if moving + reserve <= torch.cuda.mem_get_info(dev)[0] else torch.device("cpu")
+    return [x.to(home) for x in hidden]
 
 
 @torch.no_grad()
 def quantize_layer(layer, inputs: list[torch.Tensor], rope: Callable, cfg: QuantConfig,
-                   prefix: str = "", rtn_only: bool = False,
-                   hessian_transform: Callable | None = None) -> tuple[dict[str, QuantizedWeight], list[LinearReport]]:
+                   prefix: str = "", rtn_only: bool = False, hessian_transform: Callable | None = None,
+                   batch_tokens: int | None = None, compute_dtype: torch.dtype | None = None,
+                   kernel: bool | None = None,
+                   clock: Clock | None = None) -> tuple[dict[str, QuantizedWeight], list[LinearReport]]:
     """GPTQ every linear of one decoder layer in place (weights replaced by their dequantized
     values) and return the quantized weights by name and a report per linear.
     hessian_transform: applied to each collected Hessian sum before GPTQ sees it (the tests feed a
-    deliberately wrong one, a negative control); errors are always reported against the true one."""
+    deliberately wrong one, a negative control); errors are always reported against the true one.
+    batch_tokens, compute_dtype: how the calibration runs through the layer (run_layer).
+    kernel: gptq()'s. clock: charges "hessian_passes", gptq()'s phases and "reports" (RTN, errors)."""
     quantized, reports = {}, []
+    clock = clock or Clock()
     for group in LAYER_GROUPS:
-        h_sum, rows = input_hessian(layer, layer.get_submodule(group[0]), inputs, rope)
+        h_sum, rows = input_hessian(layer, layer.get_submodule(group[0]), inputs, rope, batch_tokens, compute_dtype)
         h_used = h_sum if hessian_transform is None else hessian_transform(h_sum)
+        clock.lap("hessian_passes")
         for name in group:
             start = time.time()
             lin = layer.get_submodule(name)
             w = lin.weight.data
             base = rtn(w, cfg)
-            q = base if rtn_only else gptq(w, h_used, rows, cfg, name=prefix + name)
+            q = base if rtn_only else gptq(w, h_used, rows, cfg, name=prefix + name, kernel=kernel, clock=clock)
             w_hat = q.dequantize()
             reports.append(LinearReport(prefix + name, output_error(w, w_hat, h_sum, rows),
                                         output_error(w, base.dequantize(), h_sum, rows), time.time() - start))
             lin.weight.data = w_hat.to(w.dtype)
             quantized[name] = q
+            clock.lap("reports")
     return quantized, reports
 
 
@@ -173,7 +250,7 @@ def embed(ckpt, calibration: list[list[int]]) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def stream_layers(ckpt, calibration: list[list[int]], cfg: QuantConfig, device="cpu", rtn_only: bool = False,
-                  hessian_transform: Callable | None = None):
+                  hessian_transform: Callable | None = None, compute_dtype: torch.dtype | None = None):
     """Quantize the decoder of `ckpt` layer by layer on calibration token ids, in memory.
 
     Yields (layer index, {linear name: QuantizedWeight}, [LinearReport], the layer with its
@@ -181,12 +258,15 @@ def stream_layers(ckpt, calibration: list[list[int]], cfg: QuantConfig, device="
     """
     hidden = embed(ckpt, calibration)
     rope = make_rope(ckpt, device)
+    batch_tokens = BATCH_TOKENS.get(torch.device(device).type)
     with LayerReader(ckpt, device) as layers:
         for i in range(ckpt.config.num_hidden_layers):
             layer = layers.take(i)
+            hidden = keep_on_device(hidden, layer)
             quantized, reports = quantize_layer(layer, hidden, rope, cfg, prefix=f"model.layers.{i}.",
-                                                rtn_only=rtn_only, hessian_transform=hessian_transform)
-            hidden = run_layer(layer, hidden, rope)  # the next layer's inputs, made by the quantized layer
+                                                rtn_only=rtn_only, hessian_transform=hessian_transform,
+                                                batch_tokens=batch_tokens, compute_dtype=compute_dtype)
+            run_layer(layer, hidden, rope, batch_tokens, compute_dtype, in_place=True)  # the next layer's inputs
             yield i, quantized, reports, layer
             del layer
             return_freed_memory()

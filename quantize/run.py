@@ -41,7 +41,17 @@ from worldpm_lite.devices import check_device
 from .calibration import builtin_calibration, file_calibration, fingerprint
 from .gptq import QuantConfig
 from .pack import dequantize_packed, pack
-from .pipeline import LayerReader, check_finite, embed, make_rope, quantize_layer, return_freed_memory, run_layer
+from .pipeline import (
+    BATCH_TOKENS,
+    LayerReader,
+    check_finite,
+    embed,
+    keep_on_device,
+    make_rope,
+    quantize_layer,
+    return_freed_memory,
+    run_layer,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -176,7 +186,9 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
             check_finite(src, name, src.tensor(name))
     src.release()
     sources = source_stamps(src_dir, src.weight_map.values())
-    run_id = fingerprint([[file_sha256(src_dir / "config.json")], [json.dumps(asdict(settings), sort_keys=True)],
+    # the device as resolved: a GPU's run (its batches and arithmetic) has other bytes than a CPU's
+    run_id = fingerprint([[file_sha256(src_dir / "config.json")],
+                          [json.dumps(asdict(settings) | {"device": device}, sort_keys=True)],
                           [fingerprint(calibration)], [json.dumps(sources, sort_keys=True)]])
     progress = Progress(run_id, sources=sources)
     if staging.exists():
@@ -200,18 +212,20 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
     rope = make_rope(src, device)
     if layer_bar is not None:
         layer_bar.reset(total=n_layers)
+    batch_tokens = BATCH_TOKENS.get(torch.device(device).type)
     with LayerReader(src, device) as layers:
         for i in range(n_layers):
             layer = layers.take(i)  # layer i + 1 is read meanwhile
+            hidden = keep_on_device(hidden, layer)
             shard = staging / shard_name(i, total)
             if i < progress.layers_done:
                 _replay_layer(layer, shard, i, settings.bits)
             else:
                 t0 = time.time()
-                before = run_layer(layer, hidden[:8], rope)
+                before = run_layer(layer, hidden[:8], rope, batch_tokens)
                 quantized, reports = quantize_layer(layer, hidden, rope, cfg, prefix=f"model.layers.{i}.",
-                                                    rtn_only=settings.method == "rtn")
-                after = run_layer(layer, hidden[:8], rope)
+                                                    rtn_only=settings.method == "rtn", batch_tokens=batch_tokens)
+                after = run_layer(layer, hidden[:8], rope, batch_tokens)
                 rel = (sum(((a - b) ** 2).sum() for a, b in zip(after, before)) /
                        sum((b ** 2).sum() for b in before)).item()
                 _save_atomic(_layer_tensors(src, i, quantized, settings.bits), shard)
@@ -220,7 +234,7 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
                                                     for r in reports]})
                 progress.layers_done = i + 1
                 write_json_atomic(staging / PROGRESS, asdict(progress))
-            hidden = run_layer(layer, hidden, rope)
+            run_layer(layer, hidden, rope, batch_tokens, in_place=True)  # the next layer's inputs
             del layer
             return_freed_memory()
             if layer_bar is not None:

@@ -4,9 +4,20 @@ import threading
 import weakref
 
 import pytest
+import torch
+from helpers import SMALL
 from worldpm_lite.quantize import pipeline
 from worldpm_lite.quantize.gptq import QuantConfig
-from worldpm_lite.quantize.pipeline import LAYER_GROUPS, LayerReader, load_layer, stream_layers
+from worldpm_lite.quantize.pipeline import (
+    LAYER_GROUPS,
+    LayerReader,
+    forward,
+    input_hessian,
+    load_layer,
+    padded_batches,
+    run_layer,
+    stream_layers,
+)
 
 from worldpm_lite.checkpoint import Checkpoint
 
@@ -60,3 +71,71 @@ def test_layer_reader_reads_ahead_in_a_thread_and_holds_at_most_two_layers(tiny_
             assert all(t.equal(want[k]) for k, t in layer.state_dict().items()) and len(want) == len(layer.state_dict())
             del layer
     assert most == 2 and threading.main_thread() not in readers
+
+
+def random_layer(seed: int):
+    """A Qwen2 decoder layer of the small test shape with random weights and biases, and its rotary table."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+    torch.manual_seed(seed)
+    layer = Qwen2DecoderLayer(SMALL.to_qwen2(), 0).eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.1)
+    return layer, Qwen2RotaryEmbedding(SMALL.to_qwen2())
+
+
+def calibration_like(seed: int, lengths) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, n, SMALL.hidden_size, generator=g) for n in lengths]
+
+
+@torch.no_grad()
+def test_each_hessian_pass_stops_at_its_group_input_with_the_same_bits():
+    layer, rope = random_layer(1)
+    x = calibration_like(2, [37])[0]
+    for name in [g[0] for g in LAYER_GROUPS]:
+        linear, seen = layer.get_submodule(name), []
+        handle = linear.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0].clone()))
+        full = forward(layer, x, rope)  # the whole layer, as every pass ran before
+        handle.remove()
+        got = forward(layer, x, rope, until=linear)
+        assert got.shape == seen[0].shape and got.equal(seen[0]), name
+        assert not got.equal(full[..., :got.shape[-1]])  # an input inside the layer, not its output
+    ran = []
+    handles = [layer.get_submodule(n).register_forward_pre_hook(lambda m, _a: ran.append(m)) for g in LAYER_GROUPS
+               for n in g]
+    forward(layer, x, rope, until=layer.self_attn.q_proj)
+    assert ran == [layer.self_attn.q_proj]  # nothing after q/k/v's input ran
+    for h in handles:
+        h.remove()
+
+
+@torch.no_grad()
+def test_batched_calibration_matches_one_sequence_at_a_time():
+    """Padded batches (the GPU's path) against sequences alone (the CPU's, the reference) on fresh random
+    layers and lengths: the same outputs and Hessian sums up to fp32 rounding, every row counted once."""
+    for seed in range(3):
+        layer, rope = random_layer(10 + seed)
+        lengths = torch.randint(16, 90, (9,), generator=torch.Generator().manual_seed(seed)).tolist()
+        inputs = calibration_like(20 + seed, lengths)
+        batches = list(padded_batches(inputs, 200, "cpu"))
+        assert sorted(k for idx, _, _ in batches for k in idx) == list(range(9))
+        assert max(len(idx) for idx, _, _ in batches) > 1
+        assert all(len(idx) == 1 or x.shape[0] * x.shape[1] <= 200 for idx, x, _ in batches)
+        alone = run_layer(layer, inputs, rope)
+        together = run_layer(layer, list(inputs), rope, batch_tokens=200)
+        for a, b in zip(alone, together):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            linear = layer.get_submodule(name)
+            h1, rows1 = input_hessian(layer, linear, inputs, rope)
+            h2, rows2 = input_hessian(layer, linear, inputs, rope, batch_tokens=200)
+            assert rows1 == rows2 == sum(lengths)
+            assert (h1 - h2).abs().max() <= 1e-5 * h1.abs().max(), name
+        copy = list(inputs)
+        assert run_layer(layer, copy, rope, batch_tokens=200, in_place=True) is copy
+        assert all(a.equal(b) for a, b in zip(copy, together))
+        low = run_layer(layer, inputs, rope, compute_dtype=torch.bfloat16)  # bench/quantize_arithmetic.py's bf16
+        rel = [((a - b).norm() / a.norm()).item() for a, b in zip(alone, low)]
+        assert all(1e-4 < r < 3e-2 for r in rel) and all(b.dtype == torch.float32 for b in low), rel
