@@ -7,7 +7,8 @@ GPTQ of the seven linears (factorization, the column loop as one Triton launch p
 block, the deferred GEMMs), then the pass that makes the next layer's inputs. Reported per layer:
 seconds by phase, torch ops + Triton launches counted with the torch profiler (that count does not
 depend on the device; on a GPU an op is at most a few kernel launches, views none), FLOPs by phase
-(formulas in `flops`), peak memory, and PASS/FAIL against issue 23's targets.
+(formulas in `flops`), peak memory, and PASS/FAIL against issue 23's targets. On a GPU the first
+size also pays Triton's compile of the block kernel (in column_loop) and is the one profiled.
 
 "Before" is the loop issue 23 replaced: five whole passes per layer (a hook collects each group's
 Hessian), one sequence at a time, and gptq()'s column loop in torch ops (kernel=False).

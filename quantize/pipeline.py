@@ -2,9 +2,9 @@
 
 For each layer: load only its tensors (mmap; the next layer's are read meanwhile), then for each
 sequential group of linears (q/k/v -> o -> gate/up -> down) run the calibration activations
-through the layer collecting the group's input Hessian, GPTQ the group and put the quantized
-weights back, so each group sees the inputs the already-quantized groups before it produce. One
-last pass with every weight quantized makes the next layer's inputs.
+through the layer up to the group's input, collecting its Hessian, GPTQ the group and put the
+quantized weights back, so each group sees the inputs the already-quantized groups before it
+produce. One last pass with every weight quantized makes the next layer's inputs.
 """
 
 from __future__ import annotations
