@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from worldpm_lite.quantize.gptq import QuantConfig, find_params
 
 BLOCK_M = {"cuda": 32, "cpu": 64}  # rows per program; the interpreter pays per operation, not per element
 MAX_B = 256  # columns per block: the [BLOCK_M, B] tile lives in registers
@@ -153,21 +154,6 @@ def _check(W1, Hinv1, scales, zeros, col0: int, group_size: int, maxq: int, tail
     return M, B, max(width, 0)
 
 
-def _find_params(w: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize/gptq.py's find_params: per-row min/max grid -> (scale [rows, 1], zero [rows, 1]) fp32."""
-    w = w.float()
-    lo = torch.minimum(w.min(dim=1, keepdim=True).values, torch.zeros(1, device=w.device))
-    hi = torch.maximum(w.max(dim=1, keepdim=True).values, torch.zeros(1, device=w.device))
-    if sym:
-        hi = torch.maximum(lo.abs(), hi)
-        lo = -hi
-    dead = (lo == 0) & (hi == 0)
-    lo, hi = torch.where(dead, -1.0, lo), torch.where(dead, 1.0, hi)
-    scale = ((hi - lo) / maxq).half().float()  # the grid the checkpoint's fp16 scales dequantize with
-    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
-    return scale, zero
-
-
 def gptq_block_ref(W1, Hinv1, scales, zeros, col0: int, group_size: int, maxq: int, sym: bool,
                    tail=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The column loop of one block in torch: (Q1 [out, B] int32, Err1 [out, B] fp32); W1, scales, zeros
@@ -182,7 +168,7 @@ def gptq_block_ref(W1, Hinv1, scales, zeros, col0: int, group_size: int, maxq: i
         col = col0 + j
         if col % size == 0:
             group_w = W1[:, j:j + size] if j + size <= B else torch.cat([W1[:, j:], tail], dim=1)
-            scale, zero = _find_params(group_w, maxq, sym)
+            scale, zero = find_params(group_w, QuantConfig(bits=(maxq + 1).bit_length() - 1, sym=sym))
             scales[col // size], zeros[col // size] = scale[:, 0], zero[:, 0]
         wcol = W1[:, j]
         q = torch.clamp(torch.round(wcol.unsqueeze(1) / scale) + zero, 0, maxq).to(torch.int32)
