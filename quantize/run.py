@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from worldpm_lite.chat import load_tokenizer
+from worldpm_lite.chat import TOKENIZER_FILES, load_tokenizer
 from worldpm_lite.checkpoint import (
     INDEX_FILE,
     LINEARS,
@@ -53,8 +53,6 @@ from .pipeline import (
     run_layer,
 )
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 PROGRESS = "progress.json"
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4}
 LOG = "quantize_log.json"

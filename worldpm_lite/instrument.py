@@ -39,9 +39,9 @@ def dense_variant(src_dir: str | Path, out_dir: str | Path, calibration: list[li
                   method: str = "gptq", hessian_transform: Callable | None = None, group_size: int = 128) -> Path:
     """A dense fp32 copy of `src_dir` whose decoder linears hold their quantized-then-dequantized
     weights: any bit width (3-bit controls too), any Hessian, scored like a bf16 checkpoint."""
+    from .chat import TOKENIZER_FILES  # what `quantize` copies beside its output
     from .quantize.gptq import QuantConfig
     from .quantize.pipeline import stream_layers
-    from .quantize.run import TOKENIZER_FILES  # what `quantize` copies beside its output
 
     src_dir, out = Path(src_dir), Path(out_dir)
     ckpt = Checkpoint(src_dir)
