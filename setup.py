@@ -1,19 +1,17 @@
 from setuptools import setup
 
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]  # worldpm-lite serve
-RAY = ["ray[data]>=2.40"]  # worldpm-lite score --ray, worldpm_lite.ray
+RAY = ["ray[data,serve]>=2.40"]  # worldpm-lite score --ray, serve --replicas (Ray Data, Ray Serve)
 TRL = ["trl>=1.16"]  # worldpm_lite.trl.WorldPMReward for GRPOTrainer / RLOOTrainer
 
-# kernels/ and quantize/ install inside the worldpm_lite namespace: a PyPI package named
-# `kernels` exists and transformers probes for it, so neither may be a top-level import name.
+# kernels/ and quantize/ live inside worldpm_lite/: transformers (>= 5.25 depends on it) imports the
+# PyPI package `kernels`, and a top-level kernels/ folder in the working directory would shadow it.
 setup(
     name="worldpm-lite",
     version="0.1.0",
     description="Run Qwen's WorldPM-72B preference model on the GPUs people have",
     python_requires=">=3.10",
     packages=["worldpm_lite", "worldpm_lite.kernels", "worldpm_lite.quantize"],
-    package_dir={"worldpm_lite": "worldpm_lite", "worldpm_lite.kernels": "kernels",
-                 "worldpm_lite.quantize": "quantize"},
     install_requires=[
         "torch>=2.4",  # install torch==2.13.0 (CPU build on disk) first; see README
         "transformers>=5.0,<6",

@@ -111,3 +111,9 @@ def test_kernels_and_quantize_are_not_top_level():
     assert Path(worldpm_lite.quantize.__file__).parent.name == "quantize"
     res = subprocess.run([sys.executable, "-c", "import quantize"], capture_output=True, text=True, cwd="/")
     assert res.returncode != 0
+    # run from the repository's root (python -m puts it first on sys.path), `kernels` is PyPI's package
+    # that transformers imports, not a folder of ours
+    root = Path(__file__).parents[1]
+    res = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], capture_output=True,
+                         text=True, cwd=root)
+    assert str(root / "kernels") not in res.stdout + res.stderr
