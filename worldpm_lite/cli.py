@@ -138,15 +138,17 @@ def _score_ray(args):
                          "'worldpm-lite[ray]'") from None
     from .ray import score_dataset
 
-    if not args.output or args.resume:
-        raise UsageError("--ray: needs --output (a .jsonl or .parquet file) and does not take --resume")
-    if args.workers < 1 or args.cpus_per_worker < 0 or args.gpus_per_worker < 0:
-        raise UsageError("--workers: expected at least 1; --cpus-per-worker, --gpus-per-worker: at least 0")
+    if not args.output:
+        raise UsageError("--ray: needs --output: a folder (ending in /) for part files, or one .jsonl or .parquet file")
+    if args.workers < 1 or args.cpus_per_worker < 0 or args.gpus_per_worker < 0 or args.block_rows < 1:
+        raise UsageError("--workers, --block-rows: expected at least 1; --cpus-per-worker, --gpus-per-worker: at "
+                         "least 0")
     scorer_args = _scorer_args(args, log=False) | {"quant": args.quant}
     if args.cpus_per_worker >= 1:
         scorer_args["threads"] = int(args.cpus_per_worker)
     n = score_dataset(args.input, args.output, args.model, args.workers, args.ray_address, args.gpus_per_worker,
-                      args.cpus_per_worker, scorer_args=scorer_args, log=lambda m: print(m, file=sys.stderr))
+                      args.cpus_per_worker, args.block_rows, args.resume, scorer_args=scorer_args,
+                      log=lambda m: print(m, file=sys.stderr), progress=True)
     print(f"wrote {n} results to {args.output}", file=sys.stderr)
 
 
@@ -322,8 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last recorded line "
                    "(same model and options; ends byte-identical to an uninterrupted run)")
     p.add_argument("--ray", action="store_true", help="score with Ray Data on --workers actors, each holding the "
-                   "model (needs the [ray] extra). --input: JSONL, or Parquet (a .parquet file or a folder); "
-                   "--output: .jsonl or .parquet, rows in input order, ids kept")
+                   "model (needs the [ray] extra). --input: JSONL or Parquet, a file or a folder of them, on a "
+                   "filesystem every node mounts; split into blocks of --block-rows rows. --output DIR/: one part file "
+                   "per block plus manifest.json; --output FILE.jsonl|.parquet: the parts joined in input order, ids "
+                   "kept. A lost driver continues with --resume, skipping the finished parts")
     p.add_argument("--ray-address", help="with --ray: a running cluster (e.g. ray://head:10001 or auto; default: "
                    "start a local one on this machine)")
     p.add_argument("--workers", type=int, default=1, help="with --ray: actors, each loading the model (default: 1)")
@@ -331,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "WorldPM-72B on 2 x 24 GB; default: 0, the CPU)")
     p.add_argument("--cpus-per-worker", type=float, default=1, help="with --ray: CPUs per actor, also its torch "
                    "threads (default: 1)")
+    p.add_argument("--block-rows", type=int, default=1000, help="with --ray: rows per block, the unit a worker "
+                   "takes and --resume skips (default: 1000)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("serve", help="an HTTP scoring service for RL trainers (OpenRLHF, vLLM pooling API, TRL)",

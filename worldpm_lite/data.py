@@ -133,10 +133,20 @@ class Line:
     request: Request
 
 
-def read_lines(path: str, offset: int = 0, number: int = 0, digest=None) -> Iterator[Line]:
-    """The requests of a JSONL file from byte `offset` (after line `number`) on, one at a time;
-    a bad line raises RequestError naming the file and the line. digest: a hashlib object fed
-    every byte read."""
+def parse_line(raw: bytes) -> Request:
+    """One JSONL request line; a ConversationError says what is wrong with it (the caller says where)."""
+    try:
+        return parse_request(json.loads(raw.decode("utf-8")))
+    except UnicodeDecodeError as e:
+        raise ConversationError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConversationError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def read_lines(path: str, offset: int = 0, number: int = 0, digest=None, end: int | None = None) -> Iterator[Line]:
+    """The requests of a JSONL file from byte `offset` (after line `number`) on, up to byte `end`
+    (a line boundary; default: the end of the file), one at a time; a bad line raises RequestError
+    naming the file and the line. digest: a hashlib object fed every byte read."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -144,6 +154,8 @@ def read_lines(path: str, offset: int = 0, number: int = 0, digest=None) -> Iter
     with f:
         f.seek(offset)
         for raw in f:
+            if end is not None and offset >= end:
+                return
             number += 1
             offset += len(raw)
             if digest is not None:
@@ -151,13 +163,10 @@ def read_lines(path: str, offset: int = 0, number: int = 0, digest=None) -> Iter
             if not raw.strip():
                 continue
             try:
-                yield Line(number, offset, parse_request(json.loads(raw.decode("utf-8"))))
-            except UnicodeDecodeError as e:
-                raise RequestError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise RequestError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                request = parse_line(raw)
             except ConversationError as e:
                 raise RequestError(f"{path}:{number}: {e}") from None
+            yield Line(number, offset, request)
 
 
 def read_requests(path: str) -> list[Request]:

@@ -152,16 +152,22 @@ def _steps(scorer, groups, lines, path):
 
     try:
         yield from scorer.run(groups)
-    except NonFiniteScore as e:
+    except (NonFiniteScore, DoesNotFit) as e:
         number = next(line.number for n, line, _ in lines if n == e.group)
-        raise RequestError(f"{path}:{number}: conversation {e.part} scored {e.value}; a NaN/inf score means the "
-                           "checkpoint is the likely cause (non-finite or overflowing weights). Nothing is written "
-                           "for this line; the results before it are kept for --resume") from None
-    except DoesNotFit as e:
-        number = next(line.number for n, line, _ in lines if n == e.group)
-        raise RequestError(f"{path}:{number}: {e.tokens} tokens ran out of GPU memory alone in one pass; this line "
-                           "needs a larger GPU (or --truncate to the model's limit if it is over it). The results "
-                           "before it are kept for --resume") from None
+        raise score_failure(e, f"{path}:{number}") from None
+
+
+def score_failure(e, where: str) -> RequestError:
+    """What a NonFiniteScore or DoesNotFit means for the input row at `where`."""
+    from .scorer import NonFiniteScore
+
+    if isinstance(e, NonFiniteScore):
+        return RequestError(f"{where}: conversation {e.part} scored {e.value}; a NaN/inf score means the checkpoint "
+                            "is the likely cause (non-finite or overflowing weights). Nothing is written for this "
+                            "row; the results before it are kept for --resume")
+    return RequestError(f"{where}: {e.tokens} tokens ran out of GPU memory alone in one pass; this row needs a "
+                        "larger GPU (or --truncate to the model's limit if it is over it). The results before it "
+                        "are kept for --resume")
 
 
 def _record(sink, record: Path, state: dict, settings: dict) -> None:
