@@ -256,7 +256,9 @@ def cmd_fidelity(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    run_demo(seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    if args.pairs is not None and args.pairs < 1:
+        raise UsageError(f"--pairs: expected at least 1, found {args.pairs}")
+    run_demo(seed=args.seed, log=lambda m: print(m, file=sys.stderr), fidelity_pairs=args.pairs)
 
 
 def _add_runtime(p):
@@ -475,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole path on the built-in small model, offline, on the CPU")
     p.add_argument("--seed", type=int, default=0, help="which small model (built once and cached)")
+    p.add_argument("--pairs", type=int, help="held-out pairs in the closing fidelity summary (default: all 500)")
     p.set_defaults(func=cmd_demo)
     return parser
 

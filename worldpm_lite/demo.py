@@ -22,7 +22,8 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def run_demo(seed: int = 0, log=print):
+def run_demo(seed: int = 0, log=print, fidelity_pairs: int | None = None):
+    """fidelity_pairs: how many held-out pairs the closing fidelity summary scores (default: all)."""
     path = tiny_model_dir(seed, log=log)
     variants = {"bf16": path, "8-bit": tiny_quantized_dir(8, seed, log=log),
                 "4-bit": tiny_quantized_dir(4, seed, log=log)}
@@ -63,10 +64,12 @@ def run_demo(seed: int = 0, log=print):
         print(f"  {n:>5}: real reply preferred in {wins}/{len(pairs)}; same choice as bf16 in {agree}/{len(pairs)}; "
               f"largest score change vs bf16 {drift:.3f}")
 
-    requests = [parse_request({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) for p in all_pairs]
-    seqs = [ids for p in all_pairs for ids in (p.chosen_ids, p.rejected_ids)]
+    some = all_pairs[:fidelity_pairs]
+    requests = [parse_request({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) for p in some]
+    seqs = [ids for p in some for ids in (p.chosen_ids, p.rejected_ids)]
     held = {n: np.array(s.score_ids(seqs)) for n, s in scorers.items()}
-    print(f"\nfidelity on all {len(all_pairs)} held-out pairs ({len(seqs)} conversations), vs bf16 "
+    which = f"all {len(all_pairs)}" if len(some) == len(all_pairs) else f"the first {len(some)} of {len(all_pairs)}"
+    print(f"\nfidelity on {which} held-out pairs ({len(seqs)} conversations), vs bf16 "
           "(worldpm-lite fidelity writes the full report)")
     print(f"  {'':>5}  {'agreement':>9}  {'Spearman':>8}  {'mean|err|':>9}  {'max|err|':>8}  {'accuracy':>8}")
     for n in ("8-bit", "4-bit"):
