@@ -33,14 +33,14 @@ import time
 from pathlib import Path
 
 import torch
-from worldpm_lite.kernels.gptq import dequantize, dequantize_ref, gptq_matmul, gptq_matmul_ref
-from worldpm_lite.kernels.tail import fused_tail, fused_tail_ref
-from worldpm_lite.quantize.pack import pack
 
 from worldpm_lite.checkpoint import GPTQSpec, WorldPMConfig
+from worldpm_lite.kernels.gptq import dequantize, dequantize_ref, gptq_matmul, gptq_matmul_ref
+from worldpm_lite.kernels.tail import fused_tail, fused_tail_ref
 from worldpm_lite.model import WorldPM, meta_model
 from worldpm_lite.plan import GIB, WORLDPM_72B, plan
 from worldpm_lite.qlinear import share_scratch
+from worldpm_lite.quantize.pack import pack
 
 FAILURES: list[str] = []
 TARGETS: list[dict] = []

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from worldpm_lite.plan import WORLDPM_72B
 from worldpm_lite.quantize.gptq import Clock, QuantConfig, gptq, hessian_add, hessian_init, rtn
 from worldpm_lite.quantize.pipeline import (
     BATCH_TOKENS,
@@ -40,8 +42,6 @@ from worldpm_lite.quantize.pipeline import (
     quantize_layer,
     run_layer,
 )
-
-from worldpm_lite.plan import WORLDPM_72B
 
 SMOKE = dataclasses.replace(WORLDPM_72B, hidden_size=256, num_attention_heads=8, num_key_value_heads=1,
                             intermediate_size=384, head_dim=None)  # 8 query heads per KV head, as WorldPM-72B

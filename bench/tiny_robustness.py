@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from worldpm_lite.quantize.calibration import builtin_calibration, last_tokens
 
 from worldpm_lite.chat import load_tokenizer
 from worldpm_lite.data import parse_request
 from worldpm_lite.fidelity import compare, compared_pairs
 from worldpm_lite.instrument import dense_variant, layer_errors, permuted_hessian
+from worldpm_lite.quantize.calibration import builtin_calibration, last_tokens
 from worldpm_lite.scorer import Scorer
 from worldpm_lite.tiny import TINY_QUANT, TrainConfig, heldout_pairs, make_tiny
 

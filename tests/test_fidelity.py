@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-from worldpm_lite.quantize.calibration import builtin_calibration
 
 from worldpm_lite.cli import main
 from worldpm_lite.data import parse_request
@@ -19,6 +18,7 @@ from worldpm_lite.instrument import (
     layer_gate_failures,
     permuted_hessian,
 )
+from worldpm_lite.quantize.calibration import builtin_calibration
 from worldpm_lite.scorer import Scorer
 from worldpm_lite.tiny import TINY_QUANT, cached_variant, tiny_quantized_dir
 

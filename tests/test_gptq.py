@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from worldpm_lite.quantize.gptq import (
     Clock,
     QuantConfig,

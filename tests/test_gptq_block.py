@@ -6,6 +6,7 @@ Shapes stay small: in Triton's interpreter (the CPU) one column of one row tile 
 
 import pytest
 import torch
+
 from worldpm_lite.kernels.gptq_block import gptq_block, gptq_block_ref
 from worldpm_lite.quantize.gptq import QuantConfig, gptq, hessian_add, hessian_init, rtn
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from worldpm_lite.kernels.gptq import dequantize, dequantize_ref, gptq_matmul, gptq_matmul_ref
 from worldpm_lite.kernels.tail import fused_tail, fused_tail_ref
 from worldpm_lite.quantize.pack import dequantize_packed, pack

@@ -6,6 +6,8 @@ import weakref
 import pytest
 import torch
 from helpers import SMALL
+
+from worldpm_lite.checkpoint import Checkpoint
 from worldpm_lite.quantize import pipeline
 from worldpm_lite.quantize.gptq import QuantConfig
 from worldpm_lite.quantize.pipeline import (
@@ -18,8 +20,6 @@ from worldpm_lite.quantize.pipeline import (
     run_layer,
     stream_layers,
 )
-
-from worldpm_lite.checkpoint import Checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from helpers import SMALL
-from worldpm_lite.quantize.pack import dequantize_packed, pack
 
 from worldpm_lite.checkpoint import Checkpoint, GPTQSpec
 from worldpm_lite.cli import main
@@ -12,6 +11,7 @@ from worldpm_lite.model import WorldPM, device_for, meta_model, read_weight
 from worldpm_lite.offload_plan import auto_placement
 from worldpm_lite.plan import GIB, activation_reserve, gpu_capacity, parse_size, placement_units, plan
 from worldpm_lite.qlinear import GPTQLinear, pick_backend
+from worldpm_lite.quantize.pack import dequantize_packed, pack
 from worldpm_lite.scorer import Scorer
 
 CONVS = [[{"role": "user", "content": "Tips for better sleep?"}, {"role": "assistant", "content": "Dark room."}],

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from worldpm_lite.quantize.gptq import QuantConfig, find_params
 
 BLOCK_M = {"cuda": 32, "cpu": 64}  # rows per program; the interpreter pays per operation, not per element
