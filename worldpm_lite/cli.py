@@ -322,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.add_argument("--input", required=True, help="JSONL file of requests")
     p.add_argument("--output", help="where to write the JSONL results (default: standard output). They are written "
-                   "as they come to .OUTPUT.partial, renamed to OUTPUT when every line is scored")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last recorded line "
-                   "(same model and options; ends byte-identical to an uninterrupted run)")
+                   "as they come to .OUTPUT.partial, renamed to OUTPUT when every line is scored. With --ray: a "
+                   "folder DIR/ for part files, or one .jsonl or .parquet file")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last recorded line, "
+                   "or with --ray from its finished parts (same model, options and input; ends byte-identical to an "
+                   "uninterrupted run)")
     p.add_argument("--ray", action="store_true", help="score with Ray Data on --workers actors, each holding the "
                    "model (needs the [ray] extra). --input: JSONL or Parquet, a file or a folder of them, on a "
                    "filesystem every node mounts; split into blocks of --block-rows rows. --output DIR/: one part file "
