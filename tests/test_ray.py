@@ -58,7 +58,7 @@ def single(small_dir, requests, tmp_path_factory):
 
 CPU = {"device": "cpu", "threads": 1}
 DRIVER = """
-import json, sys, threading
+import json, os, sys, threading
 from pathlib import Path
 import ray
 from worldpm_lite.ray import ScoreParts, score_dataset
@@ -71,7 +71,7 @@ class Stalls(ScoreParts):
     def score_block(self, block):
         if len(json.loads((Path(out) / "manifest.json").read_text())["parts"]) >= 3:
             with open(log, "a") as f:
-                f.write(json.dumps({"stalled": block["block"]}) + "\\n")
+                f.write(json.dumps({"stalled": block["block"], "pid": os.getpid()}) + "\\n")
             threading.Event().wait()
         result = super().score_block(block)
         with open(log, "a") as f:
@@ -113,6 +113,7 @@ def test_a_killed_driver_resumes_without_scoring_again_what_the_manifest_held(ra
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
+    assert len({e["pid"] for e in read_log(log) if "stalled" in e}) == 2  # the one file spread over both workers
     first = [e for e in read_log(log) if "block" in e]
     held = {int(k) for k in json.loads((out / "manifest.json").read_text())["parts"]}
     blocks = json.loads((out / "plan.json").read_text())["blocks"]
@@ -126,7 +127,7 @@ def test_a_killed_driver_resumes_without_scoring_again_what_the_manifest_held(ra
             return result
 
     lines = []
-    assert score_dataset(str(src), str(out), str(small_dir), workers=2, resume=True, scorer_args=CPU,
+    assert score_dataset(str(src), str(out), str(small_dir), workers=1, resume=True, scorer_args=CPU,
                          log=lines.append, udf=Logs) == 60
     assert any(f"{len(held)} of {len(blocks)} parts" in m for m in lines)
     second = [e for e in read_log(log) if e.get("resumed")]
@@ -154,24 +155,11 @@ def test_a_killed_driver_resumes_without_scoring_again_what_the_manifest_held(ra
         score_dataset(str(src), str(out), str(small_dir), 2, resume=True, scorer_args=CPU, log=lambda m: None)
 
 
-def test_parquet_in_and_out_keep_ids_and_scores(ray_cluster, small_dir, requests, single, tmp_path):
-    src = tmp_path / "in.parquet"
+def test_parquet_in_and_out_and_a_worker_that_dies_mid_job(ray_cluster, small_dir, requests, single, tmp_path):
+    """A worker dies mid-job: Ray restarts it and runs its block again; no row is lost or repeated."""
+    src, marker = tmp_path / "in.parquet", tmp_path / "died"
     keys = ("id", "messages", "prompt", "chosen", "rejected", "responses")  # a column per field, null where unused
     pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in requests]), src)  # one row group
-    score_dataset(str(src), str(tmp_path / "out.parquet"), str(small_dir), workers=2, block_rows=16,
-                  scorer_args=CPU, log=lambda m: None)
-    got = pq.read_table(tmp_path / "out.parquet").to_pylist()
-    want = [json.loads(line) for line in single[1].decode().splitlines()]
-    assert [g["id"] for g in got] == [w["id"] for w in want]
-    for g, w in zip(got, want):
-        assert {k: v for k, v in g.items() if v is not None} == {k: str(v) if k == "preferred" else v
-                                                                    for k, v in w.items()}
-    assert not list(tmp_path.glob(".*"))  # the parts folder and the partial file are gone
-
-
-def test_a_worker_that_dies_mid_job_is_restarted_and_no_row_is_lost_or_repeated(ray_cluster, small_dir, single,
-                                                                                  tmp_path):
-    marker = tmp_path / "died"
 
     class DiesOnce(ScoreParts):  # defined here, so Ray ships it (and the marker's path) by value
         calls = 0
@@ -183,11 +171,16 @@ def test_a_worker_that_dies_mid_job_is_restarted_and_no_row_is_lost_or_repeated(
                 os._exit(1)  # the whole actor process, mid-job
             return super().__call__(batch)
 
-    src, want = single
-    score_dataset(str(src), str(tmp_path / "out.jsonl"), str(small_dir), workers=2, block_rows=5, scorer_args=CPU,
-                  log=lambda m: None, udf=DiesOnce)
+    score_dataset(str(src), str(tmp_path / "out.parquet"), str(small_dir), workers=2, block_rows=8,
+                  scorer_args=CPU, log=lambda m: None, udf=DiesOnce)
     assert marker.exists()  # it did die
-    assert (tmp_path / "out.jsonl").read_bytes() == want
+    got = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    want = [json.loads(line) for line in single[1].decode().splitlines()]
+    assert [g["id"] for g in got] == [w["id"] for w in want]
+    for g, w in zip(got, want):
+        assert {k: v for k, v in g.items() if v is not None} == {k: str(v) if k == "preferred" else v
+                                                                    for k, v in w.items()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["died", "in.parquet", "out.parquet"]  # no parts, no partial
 
 
 def test_one_large_file_spreads_into_blocks_that_cover_every_row_once(requests, tmp_path):
