@@ -1,7 +1,8 @@
 """Load on `worldpm-lite serve`: requests/s and p50/p99 latency with 1, 8, 32 and 64 concurrent
 clients, and the Scorer called directly one request at a time (no HTTP) as the floor.
 
-    python bench/serve_load.py [--model DIR] [--requests 320] [--repeats 2] [--max-wait-ms 5]
+    python bench/serve_load.py [--model DIR] [--requests 320] [--repeats 2] [--max-wait-ms 5] [--smoke]
+    python bench/serve_load.py --replicas 1,2     # Ray Serve (serve --replicas), 1 then 2 replicas (0: one process)
 
 The server runs as users run it (`python -m worldpm_lite serve ... --port 0`, a subprocess) on the
 small model (default: the trained one of `make-tiny`, seed 0); the clients are keep-alive
@@ -13,7 +14,18 @@ answer is checked against the Scorer's score for its conversation (exactly equal
 32 clients >= 3x the requests/s of one at a time. The Scorer called directly, one request at a time
 and all at once, shows how much batching itself gains on this machine for these requests.
 With --openrlhf each request is one sample, as OpenRLHF's client sends them from every rollout at once,
-at 1 and 256 clients. Writes bench/results/serve_load[-short][-reward][-openrlhf].json.
+at 1 and 256 clients. With --replicas 1,2 the server is `serve --replicas` (worldpm_lite.ray_serve) on a
+local Ray cluster of this machine's cores, once per replica count, the cores shared evenly (each of N
+replicas reserves cores/N CPUs and runs cores//N torch threads): requests/s at 1 vs 2 replicas. --smoke:
+the same logic with a few seconds of load (one repeat, 1 and 32 clients, 64 requests). Writes
+bench/results/serve_load[-short][-reward][-openrlhf][-replicas][-smoke].json.
+
+What a 2-core machine can show with --replicas: that requests spread over both replicas (each one's
+batches in /metrics), what the hop from the front to a replica (a Serve handle call) costs per request,
+and that answers stay exact. What it cannot: scaling. Two replicas share the two cores that one replica
+with two threads has, beside the front and this load generator, so any gain of 2 over 1 here is how
+much better two single-threaded models use two cores than one two-threaded model; N replicas pay off
+with a core set (or GPUs) each.
 """
 
 from __future__ import annotations
@@ -21,10 +33,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,11 +53,16 @@ from worldpm_lite.tiny import tiny_model_dir
 MAX_TOKENS = 512
 
 
-def start(model: str, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "worldpm_lite", "serve", "--model", model, "--device", "cpu",
-                             "--port", "0", "--max-wait-ms", str(max_wait_ms)], stderr=subprocess.PIPE, text=True)
+def start(model: str, max_wait_ms: float, replicas: int = 0) -> tuple[subprocess.Popen, str]:
+    """`worldpm-lite serve`, or `serve --replicas N` sharing this machine's cores."""
+    cmd = [sys.executable, "-m", "worldpm_lite", "serve"]
+    if replicas:
+        cmd += ["--replicas", str(replicas), "--cpus-per-replica", f"{max(1, os.cpu_count() // replicas)}"]
+    proc = subprocess.Popen(cmd + ["--model", model, "--device", "cpu", "--port", "0", "--max-wait-ms",
+                                   str(max_wait_ms)], stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if line.startswith("serving "):
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # its later logs never block it
             return proc, re.search(r"http://[\d.]+:\d+", line).group(0)
     raise RuntimeError(f"the server did not start (exit {proc.wait()})")
 
@@ -96,6 +115,32 @@ def pct(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+def measure(url: str, bodies: list, levels: tuple, args) -> list[dict]:
+    """Every level, --repeats times, each answer checked; the runs."""
+    runs = []
+    for r in range(args.repeats):
+        for clients in levels:
+            n = args.requests // 4 if clients == 1 else args.requests
+            rps, lat, answers = asyncio.run(load(url, bodies, clients, n))
+            for i, a in answers.items():
+                expect = bodies[i % len(bodies)][2]
+                rewarded = args.reward or args.openrlhf
+                assert (a["rewards"] if rewarded else [a["score"]]) == (expect if rewarded else [expect])
+            runs.append({"repeat": r, "clients": clients, "requests": n, "requests_per_s": rps,
+                         "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000})
+            print(f"repeat {r} clients {clients:>2}: {rps:6.1f} req/s  p50 {runs[-1]['p50_ms']:6.0f} ms  "
+                  f"p99 {runs[-1]['p99_ms']:6.0f} ms", flush=True)
+    return runs
+
+
+def merged_per_round(metrics: str) -> float:
+    """Requests merged into one round of batches, on average (over every replica's series)."""
+    total = {"sum": 0.0, "count": 0.0}
+    for kind, value in re.findall(r"^worldpm_batched_requests_(sum|count)(?:\{[^}]*\})? (\S+)$", metrics, re.M):
+        total[kind] += float(value)
+    return total["sum"] / total["count"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model directory (default: the small trained model, seed 0)")
@@ -107,8 +152,18 @@ def main() -> None:
                     "({query: [q], prompts: [p], labels: [l]}) from 1 and 256 clients at once")
     ap.add_argument("--short", action="store_true", help="each exchange cut to the prompt's first 60 characters "
                     "and the reply's first 120 (about 55 tokens): where a CPU gains most from batching")
-    ap.add_argument("--out", help="default: bench/results/serve_load[-short][-reward].json")
+    ap.add_argument("--replicas", help="comma-separated replica counts, e.g. 1,2: serve --replicas (Ray Serve) "
+                    "instead of single-process serve, once per count (0: single-process serve, for comparison)")
+    ap.add_argument("--smoke", action="store_true", help="a few seconds of load: one repeat, 1 and 32 clients "
+                    "(1 and 256 with --openrlhf), 64 requests")
+    ap.add_argument("--out", help="default: bench/results/serve_load[-short][-reward][-openrlhf][-replicas][-smoke]"
+                    ".json")
     args = ap.parse_args()
+    counts = [int(n) for n in args.replicas.split(",")] if args.replicas else [0]
+    if min(counts) < 0:
+        ap.error(f"--replicas: expected counts of at least 0, found {args.replicas}")
+    if args.smoke:
+        args.requests, args.repeats = 64, 1
     model = args.model or str(tiny_model_dir(0))
     scorer = Scorer.from_pretrained(model, device="cpu")
     convs = []
@@ -135,7 +190,7 @@ def main() -> None:
     print(f"{len(bodies)} distinct requests, {tokens:.0f} tokens each on average ({torch.get_num_threads()} threads)")
 
     direct = []  # the Scorer itself, one request at a time, no HTTP
-    for k in range(40):
+    for k in range(10 if args.smoke else 40):
         k %= len(bodies)
         t = time.perf_counter()
         scorer.score(convs[k * 8:k * 8 + 8] if args.reward and not args.openrlhf else [convs[k]])
@@ -147,36 +202,30 @@ def main() -> None:
     print(f"Scorer.score directly, one request at a time: {1 / (sum(direct) / len(direct)):.1f} req/s, "
           f"p50 {pct(direct, 0.5) * 1000:.0f} ms; all {len(bodies)} in one call: {batched:.1f} req/s")
 
-    proc, url = start(model, args.max_wait_ms)
-    runs, levels = [], (1, 256) if args.openrlhf else (1, 8, 32, 64)
+    levels = (1, 256) if args.openrlhf else (1, 32) if args.smoke else (1, 8, 32, 64)
     top = 256 if args.openrlhf else 32
-    try:
-        for r in range(args.repeats):
-            for clients in levels:
-                n = args.requests // 4 if clients == 1 else args.requests
-                rps, lat, answers = asyncio.run(load(url, bodies, clients, n))
-                for i, a in answers.items():
-                    expect = bodies[i % len(bodies)][2]
-                    rewarded = args.reward or args.openrlhf
-                    assert (a["rewards"] if rewarded else [a["score"]]) == (expect if rewarded else [expect])
-                runs.append({"repeat": r, "clients": clients, "requests": n, "requests_per_s": rps,
-                             "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000})
-                print(f"repeat {r} clients {clients:>2}: {rps:6.1f} req/s  p50 {runs[-1]['p50_ms']:6.0f} ms  "
-                      f"p99 {runs[-1]['p99_ms']:6.0f} ms", flush=True)
-        metrics = httpx.get(f"{url}/metrics").text
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    merged = {m: float(v) for m, v in re.findall(r"^(worldpm_batched_requests_(?:sum|count)) (\S+)$", metrics, re.M)}
+    runs, per_round = [], {}
+    for replicas in counts:
+        if args.replicas:
+            print(f"serve --replicas {replicas} (Ray Serve)" if replicas else "serve (one process)", flush=True)
+        proc, url = start(model, args.max_wait_ms, replicas)
+        try:
+            runs += [{"replicas": replicas, **run} if args.replicas else run
+                     for run in measure(url, bodies, levels, args)]
+            per_round[replicas] = merged_per_round(httpx.get(f"{url}/metrics").text)
+        finally:
+            proc.terminate()
+            proc.wait(120)
+    if args.replicas:
+        return replicated_summary(args, runs, per_round, top, model, bodies[0][0], tokens)
+    per_round = per_round[0]
     best = {c: max(x["requests_per_s"] for x in runs if x["clients"] == c) for c in levels}
     ratio = [x["requests_per_s"] / next(y["requests_per_s"] for y in runs if y["clients"] == 1 and
                                          y["repeat"] == x["repeat"]) for x in runs if x["clients"] == top]
     print(f"{top} clients vs one at a time (best of each): {best[top] / best[1]:.2f}x; per repeat: "
           + ", ".join(f"{v:.2f}x" for v in ratio) + ("" if args.openrlhf else " (target >= 3x)"))
-    per_round = merged["worldpm_batched_requests_sum"] / merged["worldpm_batched_requests_count"]
     print(f"requests merged per round, on average: {per_round:.1f}")
-    out = Path(args.out or Path(__file__).parent / "results" / (
-        "serve_load" + "-short" * args.short + "-reward" * args.reward + "-openrlhf" * args.openrlhf + ".json"))
+    out = output_path(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -185,6 +234,33 @@ def main() -> None:
         "direct_p50_ms": pct(direct, 0.5) * 1000, "direct_all_at_once_requests_per_s": batched,
         "runs": runs, f"ratio_{top}_vs_1": best[top] / best[1], f"ratio_{top}_vs_1_per_repeat": ratio,
         "mean_requests_per_round": per_round,
+    }, indent=1))
+    print(f"wrote {out}")
+
+
+def output_path(args) -> Path:
+    return Path(args.out or Path(__file__).parent / "results" / (
+        "serve_load" + "-short" * args.short + "-reward" * args.reward + "-openrlhf" * args.openrlhf
+        + "-replicas" * bool(args.replicas) + "-smoke" * args.smoke + ".json"))
+
+
+def replicated_summary(args, runs: list[dict], per_round: dict, top: int, model: str, endpoint: str,
+                       tokens: float) -> None:
+    """Best requests/s at `top` clients per replica count, against the first count's."""
+    best = {n: max(x["requests_per_s"] for x in runs if x["replicas"] == n and x["clients"] == top) for n in per_round}
+    first = next(iter(best))
+    name = {n: f"{n} replicas" if n else "one process" for n in best}
+    for n, rps in best.items():
+        print(f"{name[n]}, {top} clients: {rps:.1f} req/s (best of {args.repeats}), {rps / best[first]:.2f}x "
+              f"{name[first]}; requests merged per round {per_round[n]:.1f}")
+    out = output_path(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "model": model,
+        "endpoint": endpoint, "tokens_per_request": tokens, "max_wait_ms": args.max_wait_ms, "short": args.short,
+        "smoke": args.smoke,
+        "runs": runs, f"best_requests_per_s_at_{top}": {str(n): v for n, v in best.items()},
+        "mean_requests_per_round": {str(n): v for n, v in per_round.items()},
     }, indent=1))
     print(f"wrote {out}")
 

@@ -111,15 +111,16 @@ def cmd_serve(args):
                              ("--max-wait-ms", args.max_wait_ms, 0), ("--max-body-mib", args.max_body_mib, 1)):
         if value < low:
             raise UsageError(f"{flag}: expected at least {low}, found {value}")
+    api_key = args.api_key or os.environ.get("WORLDPM_LITE_API_KEY") or None
+    args.api_key = None  # never echoed: nothing below prints args
+    if args.replicas is not None:
+        return _serve_replicas(args, api_key)
     try:
         sock = bind(args.host, args.port)  # before the model loads: a taken port fails at once
     except OSError as e:
         raise UsageError(str(e)) from None
-    api_key = args.api_key or os.environ.get("WORLDPM_LITE_API_KEY") or None
-    args.api_key = None  # never echoed: nothing below prints args
     scorer = _scorer(args)
-    app = create_app(scorer, model=args.model, max_items=args.max_items, max_queue=args.max_queue,
-                     max_wait=args.max_wait_ms / 1000, max_body=int(args.max_body_mib * (1 << 20)), api_key=api_key)
+    app = create_app(scorer, model=args.model, **_app_args(args, api_key))
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     print(f"serving {args.model} on {url}: POST /get_reward (OpenRLHF), POST /classify, /v1/classify, /pooling, "
@@ -128,6 +129,24 @@ def cmd_serve(args):
           file=sys.stderr, flush=True)
     run_server(app, sock, log_level=args.log_level, access_log=args.access_log)
     print("worldpm-lite serve: stopped after answering every request in flight", file=sys.stderr)
+
+
+def _app_args(args, api_key: str | None) -> dict:
+    return {"max_items": args.max_items, "max_queue": args.max_queue, "max_wait": args.max_wait_ms / 1000,
+            "max_body": int(args.max_body_mib * (1 << 20)), "api_key": api_key}
+
+
+def _serve_replicas(args, api_key: str | None):
+    from .ray_serve import serve_replicated
+
+    if args.replicas < 1 or args.cpus_per_replica < 0 or args.gpus_per_replica < 0:
+        raise UsageError("--replicas: expected at least 1; --cpus-per-replica, --gpus-per-replica: at least 0")
+    scorer_args = _scorer_args(args, log=False) | {"quant": args.quant}
+    if args.cpus_per_replica >= 1:
+        scorer_args["threads"] = int(args.cpus_per_replica)
+    serve_replicated(args.model, args.replicas, scorer_args, _app_args(args, api_key), args.host, args.port,
+                     args.gpus_per_replica, args.cpus_per_replica, args.ray_address,
+                     log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def _score_ray(args):
@@ -382,6 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every scoring route and /v1/models "
                    "(default: $WORLDPM_LITE_API_KEY; none: open). Never logged")
+    p.add_argument("--replicas", type=int, help="N replicas of the model on Ray Serve behind this one address (needs "
+                   "the [ray] extra): each with its own batching, requests to the less loaded, a replica that dies "
+                   "restarted and its requests sent to another; /metrics has series per replica (default: one "
+                   "process, no Ray)")
+    p.add_argument("--gpus-per-replica", type=float, default=0, help="with --replicas: GPUs per replica (2 for 4-bit "
+                   "WorldPM-72B on 2 x 24 GB; default: 0, the CPU)")
+    p.add_argument("--cpus-per-replica", type=float, default=1, help="with --replicas: CPUs per replica, also its "
+                   "torch threads (default: 1)")
+    p.add_argument("--ray-address", help="with --replicas: a running cluster (e.g. auto; default: $RAY_ADDRESS, "
+                   "else a local one on this machine)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("selfcheck", help="score WorldPM's README pair; compare with the published values for 72B")
@@ -492,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"worldpm-lite: error: --{flag.replace('_', '-')} must be a positive integer", file=sys.stderr)
             return 2
     try:
-        if hasattr(args, "device") and not getattr(args, "ray", False):  # --ray: each worker resolves its own
+        if hasattr(args, "device") and not (getattr(args, "ray", False) or getattr(args, "replicas", None)):
+            # --ray, --replicas: each worker or replica resolves its own
             _check_device(args)
         return args.func(args) or 0
     except (CheckpointError, ConversationError, UsageError, FileExistsError, FileNotFoundError,

@@ -44,6 +44,7 @@ MAX_QUEUE = 1024  # requests waiting for the model
 MAX_WAIT_MS = 5.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 POWERS = tuple(2.0 ** k for k in range(17))
+VLLM_ROUTES = ("/classify", "/v1/classify", "/pooling", "/v1/models")  # errors in vLLM's shape there
 log = logging.getLogger("worldpm_lite.serve")
 
 
@@ -62,6 +63,16 @@ def _json(body: bytes):
     except json.JSONDecodeError as e:
         raise HTTPError(400, f"body: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
                         "malformed_json") from None
+
+
+def error_body(code: int, kind: str, message: str, param: str | None = None, vllm: bool = False) -> dict:
+    """Our JSON error {"error": {"code", "type", "message"}}, or with vllm (on VLLM_ROUTES) vLLM's
+    error object, whose "code" is the HTTP status to answer with (vLLM has no 422)."""
+    if vllm:
+        from . import vllm_api
+
+        return vllm_api.error_body(code, message, param)
+    return {"error": {"code": code, "type": kind, "message": message}}
 
 
 def _too_many(n: int, what: str, max_items: int) -> HTTPError:
@@ -190,10 +201,10 @@ def create_app(scorer, model: str = "", max_items: int = MAX_ITEMS, max_queue: i
                   "and /pooling (vLLM's pooling API, as verl calls it), POST /v1/score.")
 
     def ours(code: int, kind: str, message: str, headers: dict | None = None, param: str | None = None):
-        return JSONResponse({"error": {"code": code, "type": kind, "message": message}}, code, headers)
+        return JSONResponse(error_body(code, kind, message), code, headers)
 
     def vllm(code: int, kind: str, message: str, headers: dict | None = None, param: str | None = None):
-        body = vllm_api.error_body(code, message, param)
+        body = error_body(code, kind, message, param, vllm=True)
         return JSONResponse(body, body["error"]["code"], headers)
 
     def authorized(request: Request) -> bool:
@@ -278,7 +289,7 @@ def create_app(scorer, model: str = "", max_items: int = MAX_ITEMS, max_queue: i
         kinds = {404: "not_found", 405: "method_not_allowed"}
         message = {404: f"no route {request.url.path}; see GET /docs", 405: f"{request.method} is not allowed on "
                    f"{request.url.path}"}.get(e.status_code, str(e.detail))
-        shape = vllm if request.url.path in ("/classify", "/v1/classify", "/pooling", "/v1/models") else ours
+        shape = vllm if request.url.path in VLLM_ROUTES else ours
         return shape(e.status_code, kinds.get(e.status_code, "http_error"), message, getattr(e, "headers", None))
 
     @app.get("/health")
