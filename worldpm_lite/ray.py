@@ -327,7 +327,8 @@ def score_dataset(input: str, output: str, model: str, workers: int, address: st
         log(f"ray: {workers} workers on {cpus:g} CPUs: each reserves {cpus_per_worker:.2f} CPU so Ray Data keeps one")
     if interrupted:
         plan = _resumable(plan_file, settings, files, ray)
-        log(f"--resume: {len(plan['blocks'])} blocks planned")
+        log(f"--resume: {len(plan['blocks'])} blocks of up to {plan['block_rows']} rows, as planned by the "
+            f"interrupted run{'' if block_rows == plan['block_rows'] else f' (--block-rows {block_rows} is not used)'}")
     else:
         if resume:
             log(f"--resume: no interrupted run in {folder}; starting from the first row")
