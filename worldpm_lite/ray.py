@@ -263,7 +263,7 @@ def _checked(blocks: list[dict], checks: list[dict]) -> list[dict]:
         lines[b["file"]] = first_line - 1 + c["lines"]
         if c["rows"]:
             out.append(b | {"block": len(out), "rows": c["rows"], "first_row": row, "sha256": c["sha256"]}
-                       | ({"first_line": first_line} if "start" in b else {}))
+                       | ({"first_line": first_line, "lines": c["lines"]} if "start" in b else {}))
             row += c["rows"]
     if not out:
         raise RequestError(f"{', '.join(sorted(lines)) or 'the input'}: no requests (the input is empty)")
@@ -348,7 +348,7 @@ def score_dataset(input: str, output: str, model: str, workers: int, address: st
             f"scoring the other {len(todo)}")
     if todo:
         _run(ray, todo, folder, model, workers, cpus_per_worker, gpus_per_worker, scorer_args, udf, manifest,
-             manifest_file, parts, total, input, progress)
+             manifest_file, parts, total, progress)
     manifest.update(complete=True, rows=total)
     write_json_atomic(manifest_file, manifest)
     if final is not None:
@@ -408,7 +408,8 @@ def _resumable(plan_file: Path, settings: dict, files: list[Path], ray) -> dict:
     touched = [b for b in plan["blocks"] if now[b["file"]]["mtime_ns"] != was[b["file"]]["mtime_ns"]]
     for b, c in zip(touched, ray.get([_check_task(ray).remote(b) for b in touched])):
         if c["bad"] is not None or (c["rows"], c["sha256"]) != (b["rows"], b["sha256"]):
-            where = (f"lines {b['first_line']}-" if "start" in b else f"rows {b['row'] + 1}-") + "..."
+            where = (f"lines {b['first_line']}-{b['first_line'] + b['lines'] - 1}" if "start" in b
+                     else f"rows {b['row'] + 1}-{b['row'] + b['length']}")
             raise ValueError(f"{b['file']}: its content changed since the interrupted run (block {b['block']}, "
                              f"{where}); delete {plan_file.parent} to start over")
     if touched:
@@ -418,7 +419,7 @@ def _resumable(plan_file: Path, settings: dict, files: list[Path], ray) -> dict:
 
 
 def _run(ray, todo, folder, model, workers, cpus_per_worker, gpus_per_worker, scorer_args, udf, manifest,
-         manifest_file, parts, total, input, progress) -> None:
+         manifest_file, parts, total, progress) -> None:
     """Score the blocks in `todo` on the actor pool, recording each finished part in the manifest."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts rows
