@@ -6,8 +6,6 @@ One deployment serves the whole module: serve_replicated in a subprocess (it blo
 that joins this session's cluster. Its replicas score only while no `hold` file exists, so a test
 decides when requests may finish and never guesses at timing."""
 
-import asyncio
-import json
 import os
 import random
 import re
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serve import chat, metric_values, text
+from test_serve import chat, gather, metric_values, text
 
 from worldpm_lite.cli import main
 from worldpm_lite.ray_serve import ServeError, serve_replicated
@@ -149,20 +147,6 @@ def held_in_flight(url: str, n: int) -> dict[str, float]:
     return wait_for(f"{n} requests held on both replicas", ready)
 
 
-def gather(url: str, posts: list[tuple[str, object]], clients: int) -> list[httpx.Response]:
-    """POST each (path, json) with the API key from `clients` concurrent connections, in input order."""
-    async def go():
-        out, todo = [None] * len(posts), list(enumerate(posts))
-        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as c:
-            async def client():
-                while todo:
-                    i, (path, body) = todo.pop()
-                    out[i] = await c.post(path, content=json.dumps(body))
-            await asyncio.gather(*(client() for _ in range(clients)))
-        return out
-    return asyncio.run(go())
-
-
 def refused(url: str) -> bool:
     try:
         httpx.get(f"{url}/health", timeout=60)
@@ -179,7 +163,7 @@ def test_64_clients_get_the_scorers_scores_and_both_replicas_work(service, score
     posts = [("/v1/score", {"id": n, "messages": convs[n % 40]}) for n in range(64 * 2)]
     posts += [("/get_reward", {"query": [scorer.tokenizer.apply_chat_template(
         [{"role": "system", "content": ""}, *c], tokenize=False) for c in convs[:8]]})]
-    responses = gather(service.url, posts, clients=64)
+    responses = gather(service.url, posts, clients=64, headers=AUTH)
     assert [r.status_code for r in responses] == [200] * len(posts)
     got = [r.json() for r in responses]
     assert [g["id"] for g in got[:-1]] == list(range(64 * 2))

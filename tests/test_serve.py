@@ -78,12 +78,13 @@ def url(scorer):
         yield u
 
 
-def gather(url: str, posts: list[tuple[str, object]], clients: int) -> list[httpx.Response]:
+def gather(url: str, posts: list[tuple[str, object]], clients: int, headers: dict | None = None
+           ) -> list[httpx.Response]:
     """POST each (path, json) with `clients` concurrent connections; responses in input order."""
     async def go():
         out = [None] * len(posts)
         queue = list(enumerate(posts))
-        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as c:
             async def client():
                 while queue:
                     i, (path, body) = queue.pop()
