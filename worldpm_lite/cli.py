@@ -131,6 +131,12 @@ def cmd_serve(args):
     print("worldpm-lite serve: stopped after answering every request in flight", file=sys.stderr)
 
 
+def _ray_scorer_args(args, cpus: float) -> dict:
+    """Scorer arguments for a Ray worker or replica: it resolves its own device; its torch threads are
+    its whole CPUs, if any (else torch's choice)."""
+    return _scorer_args(args, log=False) | {"quant": args.quant} | ({"threads": int(cpus)} if cpus >= 1 else {})
+
+
 def _app_args(args, api_key: str | None) -> dict:
     return {"max_items": args.max_items, "max_queue": args.max_queue, "max_wait": args.max_wait_ms / 1000,
             "max_body": int(args.max_body_mib * (1 << 20)), "api_key": api_key}
@@ -141,9 +147,7 @@ def _serve_replicas(args, api_key: str | None):
 
     if args.replicas < 1 or args.cpus_per_replica < 0 or args.gpus_per_replica < 0:
         raise UsageError("--replicas: expected at least 1; --cpus-per-replica, --gpus-per-replica: at least 0")
-    scorer_args = _scorer_args(args, log=False) | {"quant": args.quant}
-    if args.cpus_per_replica >= 1:
-        scorer_args["threads"] = int(args.cpus_per_replica)
+    scorer_args = _ray_scorer_args(args, args.cpus_per_replica)
     serve_replicated(args.model, args.replicas, scorer_args, _app_args(args, api_key), args.host, args.port,
                      args.gpus_per_replica, args.cpus_per_replica, args.ray_address,
                      log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -162,9 +166,7 @@ def _score_ray(args):
     if args.workers < 1 or args.cpus_per_worker < 0 or args.gpus_per_worker < 0 or args.block_rows < 1:
         raise UsageError("--workers, --block-rows: expected at least 1; --cpus-per-worker, --gpus-per-worker: at "
                          "least 0")
-    scorer_args = _scorer_args(args, log=False) | {"quant": args.quant}
-    if args.cpus_per_worker >= 1:
-        scorer_args["threads"] = int(args.cpus_per_worker)
+    scorer_args = _ray_scorer_args(args, args.cpus_per_worker)
     n = score_dataset(args.input, args.output, args.model, args.workers, args.ray_address, args.gpus_per_worker,
                       args.cpus_per_worker, args.block_rows, args.resume, scorer_args=scorer_args,
                       log=lambda m: print(m, file=sys.stderr), progress=True)

@@ -44,14 +44,15 @@ from pathlib import Path
 
 from .chat import ConversationError
 from .checkpoint import file_sha256, write_json_atomic
-from .data import Request, RequestError, parse_line, parse_request
+from .data import Request, RequestError, parse_line, parse_request, read_lines
 
 PARQUET = (".parquet", ".pq")
 BLOCK_ROWS = 1000
 SAMPLE_BYTES = 1 << 20  # of a JSONL file, to estimate its bytes per row
 
 
-def _load_scorer(model: str, threads: int | None, scorer_args: dict):
+def load_scorer(model: str, threads: int | None, scorer_args: dict):
+    """Scorer.from_pretrained(model, **scorer_args) in a Ray worker, with `threads` torch threads."""
     import torch
 
     from .scorer import Scorer
@@ -88,7 +89,7 @@ class ScoreBatch:
     threads: torch threads per actor (default: torch's choice)."""
 
     def __init__(self, model: str, threads: int | None = None, **scorer_args):
-        self.scorer = _load_scorer(model, threads, scorer_args)
+        self.scorer = load_scorer(model, threads, scorer_args)
 
     def __call__(self, batch):
         rows = batch.column("text").to_pylist() if "text" in batch.column_names else batch.to_pylist()
@@ -108,7 +109,7 @@ class ScoreParts:
     docstring). folder: where the parts go (every node must see it)."""
 
     def __init__(self, model: str, folder: str, threads: int | None = None, **scorer_args):
-        self.scorer, self.folder = _load_scorer(model, threads, scorer_args), Path(folder)
+        self.scorer, self.folder = load_scorer(model, threads, scorer_args), Path(folder)
 
     def __call__(self, batch):
         out = {k: [] for k in ("block", "part", "rows", "batches", "tokens", "seconds", "worker")}
@@ -157,11 +158,8 @@ def _parquet_rows(block: dict) -> Iterator[dict]:
 def block_requests(block: dict) -> Iterator[tuple[str, Request]]:
     """(where, request) for each row of a checked block: where is FILE:LINE or FILE: row N."""
     if "start" in block:
-        number = block["first_line"] - 1
-        for raw in _jsonl_lines(block):
-            number += 1
-            if raw.strip():
-                yield f"{block['file']}:{number}", parse_line(raw)
+        for line in read_lines(block["file"], block["start"], block["first_line"] - 1, end=block["end"]):
+            yield f"{block['file']}:{line.number}", line.request
     else:
         for i, row in enumerate(_parquet_rows(block)):
             yield f"{block['file']}: row {block['row'] + i + 1}", parse_request(row, "row")
@@ -319,7 +317,8 @@ def score_dataset(input: str, output: str, model: str, workers: int, address: st
     if not interrupted and folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"--output {output}: {folder} holds files but no plan.json: not a worldpm-lite parts "
                               "folder (choose an empty or new folder)")
-    _init(ray, address, log)
+    init_ray(address)
+    log(f"ray: {ray.cluster_resources()}")
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus_per_worker and workers * cpus_per_worker > cpus - 1:
         # Ray Data needs a CPU slot beside the workers; workers holding every slot would wait forever
@@ -357,14 +356,19 @@ def score_dataset(input: str, output: str, model: str, workers: int, address: st
     return total
 
 
-def _init(ray, address: str | None, log) -> None:
-    if not ray.is_initialized():
-        # A cluster started here exists only for this job: its workers run at our priority, not at
-        # Ray's default nice 15, which starves them beside any other busy process on the machine
-        local = address is None and not os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **({"_system_config": {"worker_niceness": 0}} if local else {}))
-    log(f"ray: {ray.cluster_resources()}")
+def init_ray(address: str | None) -> bool:
+    """Join the cluster at `address` ($RAY_ADDRESS), or start a local one, unless Ray is already
+    initialized in this process; True when a local cluster was started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # A cluster started here exists only for this job: its workers run at our priority, not at
+    # Ray's default nice 15, which starves them beside any other busy process on the machine
+    local = address is None and not os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             **({"_system_config": {"worker_niceness": 0}} if local else {}))
+    return local
 
 
 def _plan(files: list[Path], block_rows: int, settings: dict, ray, log) -> dict:

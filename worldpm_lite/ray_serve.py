@@ -54,19 +54,15 @@ class Replica:
     broadcasts `report` for /metrics and /health."""
 
     async def __init__(self, model: str, scorer_args: dict, app_args: dict):
-        import torch
         from ray import serve
         from uvicorn.config import Config
         from uvicorn.lifespan.on import LifespanOn
 
-        from .scorer import Scorer
+        from .ray import load_scorer
         from .serve import create_app
 
         args = dict(scorer_args)
-        threads = args.pop("threads", None)
-        if threads:
-            torch.set_num_threads(threads)
-        self.scorer = Scorer.from_pretrained(model, **args)
+        self.scorer = load_scorer(model, args.pop("threads", None), args)
         self.app = create_app(self.scorer, model=model, **app_args)
         self.lifespan = LifespanOn(Config(self.app, lifespan="on", log_config=None))  # starts the Batcher
         await self.lifespan.startup()
@@ -228,6 +224,7 @@ def serve_replicated(model: str, replicas: int, scorer_args: dict, app_args: dic
     except ImportError as e:
         raise ServeError(f"--replicas needs the [ray] extra ({e.name} is not installed): pip install "
                          "'worldpm-lite[ray]'") from None
+    from .ray import init_ray
     from .serve import MAX_BODY, MAX_QUEUE, bind, run_server
 
     started_ray = not ray.is_initialized()
@@ -245,13 +242,8 @@ def serve_replicated(model: str, replicas: int, scorer_args: dict, app_args: dic
     app = f"worldpm-lite-{port}"  # one Serve application per address: several can share a cluster
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        if started_ray:
-            # A cluster started here runs its workers at our priority, not at Ray's default nice 15,
-            # which starves them beside any other busy process on the machine
-            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     **({"_system_config": {"worker_niceness": 0}} if local else {}))
-            if local:
-                _check_room(ray.cluster_resources(), replicas, cpus_per_replica, gpus_per_replica)
+        if init_ray(ray_address):  # a local cluster of our own
+            _check_room(ray.cluster_resources(), replicas, cpus_per_replica, gpus_per_replica)
         for s in previous:  # after ray.init, whose SIGTERM handler kills the process: stop starting instead
             signal.signal(s, _interrupt)
         if app in serve.status().applications:
