@@ -1,6 +1,7 @@
 """Small checkpoints for tests: random weights, the real Qwen tokenizer."""
 
 import shutil
+import time
 
 import torch
 
@@ -30,3 +31,14 @@ def add_tokenizer(model_dir):
     for f in cached_tokenizer_dir().iterdir():
         shutil.copy2(f, model_dir / f.name)
     return model_dir
+
+
+def wait_for(what: str, ready, deadline: float = 180):
+    """Poll `ready()` until it is true (returned), failing after `deadline` seconds, generous for a
+    loaded 2-core machine. Every 0.1 s: a poll of a service's /metrics or /health asks every replica,
+    CPU time a starting worker wants."""
+    end = time.monotonic() + deadline
+    while not (value := ready()):
+        assert time.monotonic() < end, f"{what}: not within {deadline} s"
+        time.sleep(0.1)
+    return value

@@ -11,11 +11,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import wait_for
 
 from worldpm_lite.cli import main
 from worldpm_lite.ray import ScoreBatch, ScoreParts, check_block, plan_blocks, score_dataset
@@ -87,14 +87,6 @@ score_dataset(src, out + "/", model, workers=2, block_rows=6, scorer_args={"devi
 
 def read_log(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(what: str, ready, deadline: float = 180):
-    end = time.monotonic() + deadline
-    while not (found := ready()):
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return found
 
 
 def test_a_killed_driver_resumes_without_scoring_again_what_the_manifest_held(ray_cluster, small_dir, single,

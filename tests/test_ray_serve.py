@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import wait_for
 from test_serve import chat, gather, metric_values, text
 
 from worldpm_lite.cli import main
@@ -61,16 +62,6 @@ class Service:
     proc: subprocess.Popen
     hold: Path
     log: Path
-
-
-def wait_for(what: str, ready, deadline: float = DEADLINE):
-    """Poll `ready()` until it is true (returned), failing after `deadline` seconds. Every 0.1 s: each
-    poll of /metrics or /health asks every replica, CPU time a restarting replica wants."""
-    end = time.monotonic() + deadline
-    while not (value := ready()):
-        assert time.monotonic() < end, f"{what}: not within {deadline} s"
-        time.sleep(0.1)
-    return value
 
 
 @pytest.fixture(scope="module")
