@@ -32,7 +32,7 @@ from worldpm_lite.checkpoint import GPTQSpec
 from worldpm_lite.model import meta_model
 from worldpm_lite.offload import HostLayers, LayerStream, assign, views
 from worldpm_lite.offload_plan import MLP_CHUNK, RING, host_memory_available, stream_plan
-from worldpm_lite.packing import Group, pack, run_batches
+from worldpm_lite.packing import Group, pack_batches, run_batches
 from worldpm_lite.plan import GIB, WORLDPM_72B, activation_reserve, placement_units
 from worldpm_lite.qlinear import share_scratch
 
@@ -122,7 +122,7 @@ def timed_pass(model, seqs: list[list[int]], budget: int, device) -> tuple[float
     sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        scores = [v for _, out in run_batches(model, pack(groups, budget)) for v in out.tolist()]
+        scores = [v for _, out in run_batches(model, pack_batches(groups, budget)) for v in out.tolist()]
     return time.perf_counter() - start, scores
 
 

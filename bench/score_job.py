@@ -33,7 +33,7 @@ import torch
 
 from worldpm_lite.data import sharegpt_conversations
 from worldpm_lite.fidelity import flat_scores
-from worldpm_lite.packing import Group, PackedRun, pack
+from worldpm_lite.packing import Group, PackedRun, pack_batches
 from worldpm_lite.scorer import PADDED_WINDOW, ConversationTooLong, Scorer, plan_batches
 from worldpm_lite.stream import score_file
 from worldpm_lite.tiny import tiny_model_dir
@@ -126,7 +126,7 @@ def padding_share(encoded: list[list[int]], budget: int) -> float:
 def layer_times(scorer: Scorer, encoded: list[list[int]], repeats: int = 5) -> dict:
     """Milliseconds per decoder layer (and embedding + head) on one packed batch of the budget."""
     model = scorer.model
-    batch = next(pack([Group(None, [ids]) for ids in encoded], scorer.token_budget))
+    batch = next(pack_batches([Group(None, [ids]) for ids in encoded], scorer.token_budget))
     layers, embed, head = [], [], []
     for _ in range(repeats):
         t = time.perf_counter()

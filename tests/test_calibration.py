@@ -3,8 +3,8 @@
 import os
 
 from worldpm_lite.chat import ENDOFTEXT_ID, encode_conversation
+from worldpm_lite.options import QuantizeSettings
 from worldpm_lite.quantize.calibration import builtin_calibration, file_calibration, whole_conversation
-from worldpm_lite.quantize.run import QuantizeSettings
 from worldpm_lite.tiny import TINY_QUANT, cached_variant
 
 SYSTEM_START = "<|im_start|>system\n"

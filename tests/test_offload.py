@@ -11,8 +11,9 @@ from worldpm_lite import packing
 from worldpm_lite.checkpoint import Checkpoint, GPTQSpec
 from worldpm_lite.cli import main
 from worldpm_lite.model import meta_model
-from worldpm_lite.offload import CpuRuntime, LayerStream, Offload, layer_layout, spread
+from worldpm_lite.offload import CpuRuntime, LayerStream, layer_layout, spread
 from worldpm_lite.offload_plan import auto_placement, stream_plan, streamed_pass_seconds
+from worldpm_lite.options import Offload
 from worldpm_lite.plan import GIB, WORLDPM_72B, activation_reserve, placement_units
 from worldpm_lite.scorer import DoesNotFit, Scorer
 from worldpm_lite.tiny import tiny_quantized_dir

@@ -1,5 +1,5 @@
 """Packed batches against the padded reference: same scores, shared prompts run once, the
-two-stage schedule, and how `pack` cuts a stream of requests into batches."""
+two-stage schedule, and how `pack_batches` cuts a stream of requests into batches."""
 
 import random
 
@@ -10,7 +10,7 @@ from worldpm_lite.chat import ConversationError
 from worldpm_lite.checkpoint import Checkpoint
 from worldpm_lite.data import sharegpt_conversations
 from worldpm_lite.model import load_model
-from worldpm_lite.packing import Group, pack, run_batches
+from worldpm_lite.packing import Group, pack_batches, run_batches
 from worldpm_lite.scorer import Scorer
 
 
@@ -26,7 +26,7 @@ def test_pack_covers_every_part_once_in_order_within_budget():
     rng = random.Random(0)
     for _ in range(200):
         groups, budget = random_groups(rng, rng.randint(1, 12)), rng.randint(1, 200)
-        batches = list(pack(groups, budget))
+        batches = list(pack_batches(groups, budget))
         owners = [o for b in batches for o in b.owners]
         assert owners == [(g, j) for g, grp in enumerate(groups) for j in range(len(grp.parts))]
         assert [b.done for b in batches] == sorted(b.done for b in batches) and batches[-1].done == len(groups)
@@ -49,7 +49,7 @@ def test_pack_starts_every_batch_at_a_request_unless_one_overflows():
     rng = random.Random(1)
     for _ in range(200):
         groups, budget = random_groups(rng, rng.randint(1, 12)), rng.randint(20, 200)
-        batches = list(pack(groups, budget))
+        batches = list(pack_batches(groups, budget))
         for b in batches[1:]:
             first = b.segments[0]
             if first.prompt is not None or first.key is None and b.owners[0][1] > 0:  # continues a request
@@ -58,7 +58,7 @@ def test_pack_starts_every_batch_at_a_request_unless_one_overflows():
         for k, b in enumerate(batches[:-1]):
             nxt = batches[k + 1]
             if nxt.owners and nxt.owners[0][1] == 0 and nxt.segments[0].prompt is None:
-                rest = list(pack(groups[b.done:], budget))
+                rest = list(pack_batches(groups[b.done:], budget))
                 assert [r.ids for r in rest] == [r.ids for r in batches[k + 1:]]
 
 
@@ -113,7 +113,7 @@ def test_two_stage_pipeline_same_scores_and_interleaved(small_dir, convs):
     model.stage_ends = [1, 2]
     two = Scorer(model, one.tokenizer, token_budget=200, truncation="left")
     assert two.score(convs) == one.score(convs)
-    batches = list(pack([Group(None, [ids]) for ids in one.encode(convs)], 200))
+    batches = list(pack_batches([Group(None, [ids]) for ids in one.encode(convs)], 200))
     assert len(batches) >= 3
     trace, seen = [], []
     for k, (batch, _) in enumerate(run_batches(model, iter(batches), trace=trace)):

@@ -9,9 +9,10 @@ from worldpm_lite.cli import main
 from worldpm_lite.devices import check_device
 from worldpm_lite.model import WorldPM, device_for, meta_model, read_weight
 from worldpm_lite.offload_plan import auto_placement
-from worldpm_lite.plan import GIB, activation_reserve, gpu_capacity, parse_size, placement_units, plan
+from worldpm_lite.options import parse_size
+from worldpm_lite.plan import GIB, activation_reserve, gpu_capacity, placement_units, plan
 from worldpm_lite.qlinear import GPTQLinear, pick_backend
-from worldpm_lite.quantize.pack import dequantize_packed, pack
+from worldpm_lite.quantize.gptq_format import dequantize_packed, pack
 from worldpm_lite.scorer import Scorer
 
 CONVS = [[{"role": "user", "content": "Tips for better sleep?"}, {"role": "assistant", "content": "Dark room."}],

@@ -29,6 +29,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from .errors import InputError, NotFound
+
 ENDOFTEXT = "<|endoftext|>"
 # What a checkpoint's tokenizer is made of (and what `quantize` copies beside its output).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -61,7 +63,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class ConversationError(ValueError):
+class ConversationError(InputError):
     """A conversation that is not a list of {"role", "content"} messages."""
 
 
@@ -147,7 +149,7 @@ def load_tokenizer(model_dir: str | Path):
     shallow copy (attributes it sets stay its own; the immutable vocabulary is shared)."""
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer.json").exists() and not (model_dir / "tokenizer_config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json or tokenizer_config.json")
+        raise NotFound(f"{model_dir}: no tokenizer.json or tokenizer_config.json")
     return copy.copy(_load_tokenizer(_tokenizer_digest(model_dir), str(model_dir)))
 
 
@@ -178,7 +180,7 @@ def _load_tokenizer(digest: str, model_dir: str):
     if tok.chat_template is None:
         tok.chat_template = CHAT_TEMPLATE
     if ENDOFTEXT not in tok.get_vocab():
-        raise ValueError(f"{model_dir}: tokenizer has no {ENDOFTEXT} token")
+        raise InputError(f"{model_dir}: tokenizer has no {ENDOFTEXT} token")
     return tok
 
 

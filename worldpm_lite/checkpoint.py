@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .errors import InputError, OutputExists
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_FLOATS = ("F32", "F16", "BF16")  # the dtypes a float tensor may be stored in
 HEAD = ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
 IGNORED_PREFIXES = ("lm_head.",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be read as a WorldPM model; the message names file and field."""
 
 
@@ -63,10 +64,6 @@ class WorldPMConfig:
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
             raise ValueError(f"rms_norm_eps: expected a positive number, found {self.rms_norm_eps!r}")
 
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim
-
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config.json") -> WorldPMConfig:
         fields = {}
@@ -100,7 +97,7 @@ class WorldPMConfig:
             intermediate_size=self.intermediate_size, vocab_size=self.vocab_size,
             max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            head_dim=self.dim_per_head, hidden_act=self.hidden_act, use_sliding_window=False,
+            head_dim=self.head_dim, hidden_act=self.hidden_act, use_sliding_window=False,
             tie_word_embeddings=False, use_cache=False,
         )
         cfg._attn_implementation = attn_implementation
@@ -114,14 +111,14 @@ class WorldPMConfig:
             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
             "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size,
             "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta, "head_dim": self.dim_per_head, "hidden_act": self.hidden_act,
+            "rope_theta": self.rope_theta, "head_dim": self.head_dim, "hidden_act": self.hidden_act,
             "tie_word_embeddings": False, "use_sliding_window": False, "num_labels": 1,
             "bos_token_id": 151643, "eos_token_id": 151643, "pad_token_id": 151643,
         }
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor name of a bf16 WorldPM checkpoint and its shape."""
-        h, d, i = self.hidden_size, self.dim_per_head, self.intermediate_size
+        h, d, i = self.hidden_size, self.head_dim, self.intermediate_size
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         shapes = {"model.embed_tokens.weight": (self.vocab_size, h), "model.norm.weight": (h,),
                   "score.0.weight": (h, h), "score.0.bias": (h,), "score.2.weight": (1, h), "score.2.bias": (1,)}
@@ -273,7 +270,7 @@ class Checkpoint:
 
     def expected(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
         """Every tensor this checkpoint must hold: name -> (shape, allowed safetensors dtypes)."""
-        floats = tuple(DTYPES)
+        floats = SAFETENSORS_FLOATS
         shapes = self.config.expected_shapes()
         if self.quant is None:
             return {n: (shape, floats) for n, shape in shapes.items()}
@@ -339,14 +336,6 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tensor '{name}'")
         return self._open(self.weight_map[name]).get_tensor(name)
 
-    def dtype(self) -> torch.dtype:
-        """The dtype the weights are stored in (of the embedding)."""
-        shard = self.weight_map["model.embed_tokens.weight"]
-        return DTYPES[self._open(shard).get_slice("model.embed_tokens.weight").get_dtype()]
-
-    def num_parameters(self) -> int:
-        return sum(math.prod(s) for s in self.config.expected_shapes().values())
-
     def is_quantized_linear(self, name: str) -> bool:
         """Whether `name` (a ....weight of the bf16 layout) is stored packed in this checkpoint."""
         return self.quant is not None and name.endswith(".weight") and f"{name[:-7]}.qweight" in self.weight_map
@@ -366,7 +355,7 @@ def write_checkpoint(out_dir: str | Path, config: WorldPMConfig, tensors: dict[s
 
     out = Path(out_dir)
     if out.exists():
-        raise FileExistsError(f"{out}: already exists")
+        raise OutputExists(f"{out}: already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .chat import ConversationError, check_conversation, check_scored_conversation
+from .errors import InputError
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -67,7 +68,7 @@ def sharegpt_conversations(limit: int | None = None) -> Iterator[list[dict]]:
             return
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A bad input line; the message names the file, the line and the field."""
 
 

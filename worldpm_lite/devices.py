@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UsageError
+
 DEVICE_HELP = "auto (every visible GPU; the CPU when there is none), cpu, cuda or cuda:N"
 
 
@@ -21,16 +23,16 @@ def check_device(device: str | torch.device) -> str:
     try:
         dev = torch.device(text)
     except RuntimeError:
-        raise ValueError(f"device {text!r}: expected {DEVICE_HELP}") from None
+        raise UsageError(f"device {text!r}: expected {DEVICE_HELP}") from None
     if dev.type == "cuda":
         n = visible_gpus()
         if n == 0:
-            raise ValueError(f"device {text!r}: no CUDA GPU is visible here (use cpu, or auto)")
+            raise UsageError(f"device {text!r}: no CUDA GPU is visible here (use cpu, or auto)")
         if dev.index is not None and dev.index >= n:
-            raise ValueError(f"device {text!r}: this machine has {n} visible GPU{'s' if n > 1 else ''} "
+            raise UsageError(f"device {text!r}: this machine has {n} visible GPU{'s' if n > 1 else ''} "
                              f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}); check CUDA_VISIBLE_DEVICES")
     elif dev.type != "cpu":
-        raise ValueError(f"device {text!r}: expected {DEVICE_HELP}")
+        raise UsageError(f"device {text!r}: expected {DEVICE_HELP}")
     return text
 
 

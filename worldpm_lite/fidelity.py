@@ -28,10 +28,12 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .data import Request
+from .errors import InputError, NotFound, OutputExists, UsageError
+from .options import RuntimeOptions
 
 CLEAR_FLOOR = 0.1  # a reference preference counts as clear above 0.1 x its score std
 MAX_ALL_PAIRS = 2_000_000  # single conversations only: all pairs up to this many, else a fixed random sample
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+SAME_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # must match the reference's
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,10 @@ def compare(ref: np.ndarray, cand: np.ndarray, requests: list, margin: float) ->
 
 
 def check_same_tokenizer(reference: Path, candidate: Path) -> None:
-    for name in TOKENIZER_FILES:
+    for name in SAME_TOKENIZER_FILES:
         a, b = reference / name, candidate / name
         if a.exists() and (not b.exists() or a.read_bytes() != b.read_bytes()):
-            raise ValueError(f"{candidate}: {name} differs from the reference's ({a}); fidelity compares models "
+            raise InputError(f"{candidate}: {name} differs from the reference's ({a}); fidelity compares models "
                              "that read the same tokens")
 
 
@@ -195,9 +197,9 @@ def write_report(report: dict, ref: np.ndarray, scores: dict[str, np.ndarray], o
     each model's scores), renamed into place whole (an existing `out` is refused unless overwrite)."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+        raise OutputExists(f"{out}: already exists (pass --overwrite to replace it)")
     if not out.parent.is_dir():
-        raise FileNotFoundError(f"{out}: folder {out.parent} does not exist")
+        raise NotFound(f"{out}: folder {out.parent} does not exist")
     tmp = staging_dir(out)
     tmp.mkdir(exist_ok=True)
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -226,16 +228,18 @@ def flat_scores(path: Path) -> np.ndarray:
 
 
 def run_fidelity(reference: str, candidates: list[Candidate], data: str, *, margin: float = 0.5,
-                 scorer_args: dict | None = None, staging: str | Path, resume: bool = False, progress: bool = True,
-                 log=print) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
+                 scorer_args: RuntimeOptions | dict | None = None, staging: str | Path, resume: bool = False,
+                 progress: bool = True, log=print, placed=None) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
     """Score the JSONL file `data` with the reference and every candidate, streaming (each model's
-    results go to `staging`/scores-K.jsonl, resumable like `score`); the report dict and the scores."""
+    results go to `staging`/scores-K.jsonl, resumable like `score`); the report dict and the scores.
+    scorer_args: how every model runs (RuntimeOptions, or a dict of its fields; a candidate's own quant
+    replaces its quant); placed: Scorer.from_pretrained's log, for the line saying where each loads."""
     from .scorer import Scorer
     from .stream import scan, score_file, score_settings
 
     if not candidates:
-        raise ValueError("candidates: expected at least one")
-    scorer_args = scorer_args or {}
+        raise UsageError("candidates: expected at least one")
+    options = RuntimeOptions.of(scorer_args)
     ref_ckpt = Checkpoint(reference)
     for c in candidates:
         cfg = Checkpoint(c.path).config  # validates the directory before any scoring starts
@@ -249,7 +253,7 @@ def run_fidelity(reference: str, candidates: list[Candidate], data: str, *, marg
         names = [f"{c.path} ({c.quant})" if c.quant else c.path for c in candidates]
     staging = Path(staging)
     if staging.exists() and not resume:
-        raise FileExistsError(f"{staging}: an interrupted fidelity run is there (pass --resume to continue it, or "
+        raise OutputExists(f"{staging}: an interrupted fidelity run is there (pass --resume to continue it, or "
                               "delete it)")
     staging.mkdir(exist_ok=True)
     models = [(Candidate(reference), "reference")] + list(zip(candidates, names))
@@ -257,7 +261,7 @@ def run_fidelity(reference: str, candidates: list[Candidate], data: str, *, marg
     for k, (c, label) in enumerate(models):
         out = staging / f"scores-{k}.jsonl"
         if not out.exists():
-            scorer = Scorer.from_pretrained(c.path, quant=c.quant, **scorer_args)
+            scorer = Scorer.from_pretrained(c.path, options, quant=c.quant, log=placed)
             log(f"{label}: {scorer.backend}")
             score_file(scorer, data, str(out), score_settings(scorer, c.path), resume=resume, log=log,
                        progress=progress)

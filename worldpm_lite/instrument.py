@@ -40,7 +40,7 @@ def dense_variant(src_dir: str | Path, out_dir: str | Path, calibration: list[li
     """A dense fp32 copy of `src_dir` whose decoder linears hold their quantized-then-dequantized
     weights: any bit width (3-bit controls too), any Hessian, scored like a bf16 checkpoint."""
     from .chat import TOKENIZER_FILES  # what `quantize` copies beside its output
-    from .quantize.gptq import QuantConfig
+    from .options import QuantConfig
     from .quantize.pipeline import stream_layers
 
     src_dir, out = Path(src_dir), Path(out_dir)

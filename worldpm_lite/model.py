@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .checkpoint import PACKED, Checkpoint, GPTQSpec, WorldPMConfig, is_linear_weight
+from .errors import InputError
 from .kernels.tail import fused_tail, fused_tail_ref
 from .qlinear import bnb_weight, check_quant, pick_backend, share_scratch, swap_in_bnb_linears, swap_in_gptq_linears
 
@@ -127,7 +128,7 @@ class WorldPM(nn.Module):
 def read_weight(ckpt: Checkpoint, name: str) -> torch.Tensor:
     """A tensor by its bf16-layout name; GPTQ-packed linears come back dequantized (fp32)."""
     if ckpt.is_quantized_linear(name):
-        from .quantize.pack import dequantize_packed
+        from .quantize.gptq_format import dequantize_packed
 
         base = name.removesuffix(".weight")
         return dequantize_packed(*(ckpt.tensor(f"{base}.{k}") for k in PACKED),
@@ -188,7 +189,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
 
     check_quant(quant)
     if quant is not None and ckpt.quant is not None:
-        raise ValueError(f"{ckpt.path}: quant {quant!r} quantizes a bf16 checkpoint; this one is already GPTQ "
+        raise InputError(f"{ckpt.path}: quant {quant!r} quantizes a bf16 checkpoint; this one is already GPTQ "
                          f"{ckpt.quant.bits}-bit")
     if not isinstance(device_map, dict):
         device_map = {"": device_map}
@@ -201,9 +202,9 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
     streamed = {}  # layer index -> its place in the host allocation
     if offload is not None and offload.streamed:
         if quant is not None:
-            raise ValueError(f"offload: streams GPTQ and bf16 checkpoints, not {quant!r} (bitsandbytes)")
+            raise InputError(f"offload: streams GPTQ and bf16 checkpoints, not {quant!r} (bitsandbytes)")
         if max(offload.streamed) >= ckpt.config.num_hidden_layers:
-            raise ValueError(f"offload: layer {max(offload.streamed)} streamed, but {ckpt.path} has "
+            raise InputError(f"offload: layer {max(offload.streamed)} streamed, but {ckpt.path} has "
                              f"{ckpt.config.num_hidden_layers} layers")
         streamed = {layer: j for j, layer in enumerate(offload.streamed)}
         template = model.model.layers[offload.streamed[0]]

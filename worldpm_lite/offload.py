@@ -24,26 +24,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 ALIGN = 256  # bytes: every tensor of a layer starts at a multiple (CUDA's own allocation alignment)
-
-
-@dataclass(frozen=True)
-class Offload:
-    """Which decoder layers stream (the rest stay resident) and how many ring buffers they pass through."""
-
-    streamed: tuple[int, ...]
-    ring: int = 2
-
-    def __post_init__(self):
-        if self.ring < 1:
-            raise ValueError(f"offload ring: expected at least 1 buffer, found {self.ring}")
-        if len(set(self.streamed)) != len(self.streamed) or any(i < 0 for i in self.streamed):
-            raise ValueError(f"offload streamed layers: expected distinct layer indices, found {self.streamed}")
 
 
 def spread(num_layers: int, count: int) -> tuple[int, ...]:

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import GPTQSpec, WorldPMConfig
+from .errors import InputError
 from .model import meta_model
-from .offload import Offload, layer_layout, spread
+from .offload import layer_layout, spread
+from .options import BNB, Offload
 from .plan import GIB, activation_reserve, check_visible, gpu_capacity, place, placement_units, setups_that_fit
 
 # Streamed execution (one GPU too small for every layer). Assumed card: an RTX 4090 (inputs of `plan`).
@@ -143,7 +145,7 @@ def streamed_pass_seconds(num_layers: int, streamed: tuple[int, ...], ring: int,
 
 def linear_flops_per_token(config: WorldPMConfig) -> float:
     h, i = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * config.dim_per_head
+    kv = config.num_key_value_heads * config.head_dim
     return 2.0 * (2 * h * h + 2 * h * kv + 3 * h * i)
 
 
@@ -211,8 +213,6 @@ def auto_placement(ckpt, dtype: torch.dtype, capacity: dict[int, int], token_bud
     """Every layer resident on as few of the GPUs in `capacity` as hold them (unless offload is True);
     otherwise, unless offload is False, as many as fit resident on the first GPU and the rest
     streamed from host memory. ValueError, before any weight is read, when neither can run."""
-    from .qlinear import BNB
-
     spec = GPTQSpec(BNB[quant], 64) if quant else ckpt.quant
     model = meta_model(ckpt.config, spec, dtype)
     budget = token_budget or 8192
@@ -226,16 +226,16 @@ def auto_placement(ckpt, dtype: torch.dtype, capacity: dict[int, int], token_bud
         if offload is False or quant is not None:
             fits = setups_that_fit(model, reserve)
             why = ("bitsandbytes models do not stream from host memory" if quant else "streaming is off")
-            raise ValueError(f"{ckpt.path}: does not fit these GPUs with {budget} tokens per batch\n"
+            raise InputError(f"{ckpt.path}: does not fit these GPUs with {budget} tokens per batch\n"
                              f"{result.table()}\nsetups that would fit: {', '.join(fits) or 'none of the common ones'}"
                              f"; or use a smaller token_budget, or the 4-bit checkpoint ({why})")
     if quant is not None:
-        raise ValueError(f"offload: streams GPTQ and bf16 checkpoints, not {quant!r} (bitsandbytes)")
+        raise InputError(f"offload: streams GPTQ and bf16 checkpoints, not {quant!r} (bitsandbytes)")
     gpu = next(iter(capacity))
     host = host_memory if host_memory is not None else host_memory_available()
     sp = stream_plan(model, capacity[gpu], host, token_budget, ring, dtype_bytes=dtype.itemsize)
     if not sp.fits:
-        raise ValueError(sp.refusal(str(ckpt.path)))
+        raise InputError(sp.refusal(str(ckpt.path)))
     summary = (f"{len(sp.resident)} of {sp.num_layers} layers resident on GPU {gpu}, {len(sp.streamed)} streamed "
                f"from pinned host memory ({sp.pinned / GIB:.2f} GiB) through {ring} buffers; embeddings on the "
                f"host; {token_budget or sp.token_budget} tokens per pass")
@@ -261,7 +261,7 @@ def place_checkpoint(ckpt, device: str, dtype: torch.dtype, max_memory: dict | N
                         {index: torch.cuda.mem_get_info(index)[0]})
         return auto_placement(ckpt, dtype, capacity, token_budget, quant, offload, host_memory)
     if max_memory is not None:
-        raise ValueError("max_memory: only used with device='auto' on a machine with GPUs")
+        raise InputError("max_memory: only used with device='auto' on a machine with GPUs")
     if offload is True:  # the CPU: every layer streams through the ring (host and compute tier both the CPU)
         return Placement("cpu", Offload(tuple(range(ckpt.config.num_hidden_layers))))
     return Placement(device)

@@ -82,7 +82,7 @@ class Batch:
             self.scored.append(len(self.ids) - 1)
 
 
-def pack(groups: Iterable[Group], budget: int) -> Iterator[Batch]:
+def pack_batches(groups: Iterable[Group], budget: int) -> Iterator[Batch]:
     """Batches of at most `budget` tokens (a single segment longer than that gets a batch alone), in
     group order. A group that fits no batch of its own starts a fresh one and spills over."""
     batch, n = Batch(), -1

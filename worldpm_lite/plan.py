@@ -8,13 +8,14 @@ the answer into a table and a verdict.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from .checkpoint import GPTQSpec, WorldPMConfig
+from .errors import UsageError
 from .model import device_for, meta_model
+from .options import gpu_sizes
 
 WORLDPM_72B = WorldPMConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                             intermediate_size=29568, vocab_size=152064, max_position_embeddings=32768,
@@ -25,19 +26,6 @@ GIB = 1 << 30
 RUNTIME_OVERHEAD = 1 * GIB
 # setups offered when the asked one does not fit, smallest first
 SETUPS = [(n, size) for size in (24, 48, 80) for n in (1, 2, 3, 4, 8)]
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
-          "t": 1 << 40, "tib": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'24GiB' -> bytes. Units: B, KB/MB/GB/TB (powers of 10), KiB/MiB/GiB/TiB or K/M/G/T (powers of 2)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"memory size {text!r}: expected a number with a unit, like 24GiB or 80GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
 def activation_reserve(config: WorldPMConfig, batch_tokens: int, quantized: bool, dtype_bytes: int = 2,
                        mlp_chunk: int | None = None) -> int:
     """Bytes each GPU keeps free for one forward pass of `batch_tokens` padded tokens.
@@ -49,7 +37,7 @@ def activation_reserve(config: WorldPMConfig, batch_tokens: int, quantized: bool
     scores. A quantized model adds the dequantized scratch of its largest linear (the GEMM path), and
     every GPU the runtime overhead."""
     h, i = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * config.dim_per_head
+    kv = config.num_key_value_heads * config.head_dim
     mlp_tokens = batch_tokens if mlp_chunk is None else min(batch_tokens, mlp_chunk)
     scratch = h * i * dtype_bytes if quantized else 0
     return (batch_tokens * (5 * h + 2 * kv) + mlp_tokens * 3 * i) * dtype_bytes + scratch + RUNTIME_OVERHEAD
@@ -176,18 +164,11 @@ def setups_that_fit(model, reserve: int, limit: int = 3) -> list[str]:
 
 
 def gpu_capacity(max_memory: dict | None) -> dict[int, int]:
-    """GPU index -> bytes to plan with: `max_memory` ({0: "22GiB", ...}) or each GPU's free memory now."""
+    """GPU index -> bytes to plan with: `max_memory` ({0: "22GiB", ...}, read by options.gpu_sizes) or
+    each GPU's free memory now."""
     if max_memory is None:
         return {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
-    out = {}
-    for key, size in max_memory.items():
-        gpu = int(str(key).removeprefix("cuda:")) if str(key).removeprefix("cuda:").isdigit() else None
-        if gpu is None:
-            raise ValueError(f"max_memory: keys are GPU indices (0, 1, ... or 'cuda:N'), found {key!r}")
-        out[gpu] = size if isinstance(size, int) else parse_size(size)
-    if not out:
-        raise ValueError("max_memory: expected at least one GPU, found none")
-    return out
+    return gpu_sizes(max_memory)
 
 
 def check_visible(capacity: dict[int, int]) -> None:
@@ -197,7 +178,7 @@ def check_visible(capacity: dict[int, int]) -> None:
     n = visible_gpus()
     missing = sorted(g for g in capacity if g >= n)
     if missing:
-        raise ValueError(f"max_memory: GPU {', '.join(map(str, missing))} is not visible here ({n} GPU(s) visible: "
+        raise UsageError(f"max_memory: GPU {', '.join(map(str, missing))} is not visible here ({n} GPU(s) visible: "
                          f"indices 0 to {n - 1}); check CUDA_VISIBLE_DEVICES")
 
 

@@ -27,14 +27,15 @@ import torch
 from torch import nn
 
 from .checkpoint import LINEARS, GPTQSpec
-from .kernels.gptq import dequantize, dequantize_ref, gptq_matmul
+from .errors import UsageError, require_extra
+from .kernels.dequant import dequantize, dequantize_ref, gptq_matmul
+from .options import BNB
 
 BACKENDS = ("torch", "triton")
-BNB = {"bnb-nf4": 4, "bnb-int8": 8}  # bitsandbytes, quantized on the fly from a bf16 checkpoint
 # Rows up to which the fused kernel runs instead of dequantize + GEMM: 0 (never) until
 # bench/gpu_check.py measures it beating dequantize + GEMM (it did not, at any M, on an H200).
 FUSED_MAX_TOKENS = 0
-_TORCH_DTYPES = {"I32": torch.int32, "F16": torch.float16}
+PACKED_DTYPES = {"I32": torch.int32, "F16": torch.float16}
 
 
 def pick_backend(backend: str, device: torch.device) -> str:
@@ -42,9 +43,9 @@ def pick_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"backend: expected auto or one of {BACKENDS}, found {backend!r}")
+        raise UsageError(f"backend: expected auto or one of {BACKENDS}, found {backend!r}")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend 'triton' needs a CUDA device, found {device} (TRITON_INTERPRET=1 runs the "
+        raise UsageError(f"backend 'triton' needs a CUDA device, found {device} (TRITON_INTERPRET=1 runs the "
                          "kernels in Triton's interpreter, for testing)")
     return backend
 
@@ -89,7 +90,7 @@ class GPTQLinear(nn.Module):
         self.backend, self.fused_max_tokens = backend, fused_max_tokens
         self.scratch = Scratch()  # replaced by one shared per model (share_scratch) when loaded
         for name, (shape, dtype) in spec.packed_shapes(in_features, out_features).items():
-            self.register_buffer(name, torch.empty(shape, dtype=_TORCH_DTYPES[dtype]))
+            self.register_buffer(name, torch.empty(shape, dtype=PACKED_DTYPES[dtype]))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,10 +132,8 @@ def _linear_slots(model):
 
 def swap_in_bnb_linears(model, kind: str, compute_dtype: torch.dtype) -> None:
     """Replace every decoder linear of a meta-device WorldPM by a bitsandbytes NF4 or int8 linear."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise ValueError(f"quant {kind!r} needs bitsandbytes: pip install 'worldpm-lite[bnb]'") from None
+    require_extra("bnb", "bitsandbytes", what=f"quant {kind!r}")
+    import bitsandbytes as bnb
 
     for parent, attr, old in _linear_slots(model):
         args = (old.in_features, old.out_features, old.bias is not None)
@@ -156,4 +155,4 @@ def bnb_weight(w: torch.Tensor, kind: str, device: torch.device):
 
 def check_quant(quant: str | None) -> None:
     if quant is not None and quant not in BNB:
-        raise ValueError(f"quant: expected one of {sorted(BNB)} or None, found {quant!r}")
+        raise UsageError(f"quant: expected one of {sorted(BNB)} or None, found {quant!r}")

@@ -40,26 +40,29 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 from .chat import ConversationError
 from .checkpoint import file_sha256, write_json_atomic
 from .data import Request, RequestError, parse_line, parse_request, read_lines
+from .errors import InputError, OutputExists
+from .options import RuntimeOptions
 
 PARQUET = (".parquet", ".pq")
 BLOCK_ROWS = 1000
 SAMPLE_BYTES = 1 << 20  # of a JSONL file, to estimate its bytes per row
 
 
-def load_scorer(model: str, threads: int | None, scorer_args: dict):
-    """Scorer.from_pretrained(model, **scorer_args) in a Ray worker, with `threads` torch threads."""
+def load_scorer(model: str, options: RuntimeOptions):
+    """Scorer.from_pretrained(model, options) in a Ray worker or replica, with options.threads torch threads."""
     import torch
 
     from .scorer import Scorer
 
-    if threads:
-        torch.set_num_threads(threads)
-    return Scorer.from_pretrained(model, **scorer_args)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    return Scorer.from_pretrained(model, options)
 
 
 def _score(scorer, requests: list[tuple[str, Request]]) -> tuple[list[str], int, int]:
@@ -85,11 +88,11 @@ def _score(scorer, requests: list[tuple[str, Request]]) -> tuple[list[str], int,
 
 
 class ScoreBatch:
-    """map_batches class: model (a checkpoint directory) and Scorer.from_pretrained's keywords;
-    threads: torch threads per actor (default: torch's choice)."""
+    """map_batches class: model (a checkpoint directory) and how it runs: a RuntimeOptions or its fields
+    as keywords (threads: torch threads per actor; default: torch's choice)."""
 
-    def __init__(self, model: str, threads: int | None = None, **scorer_args):
-        self.scorer = load_scorer(model, threads, scorer_args)
+    def __init__(self, model: str, options: RuntimeOptions | None = None, **fields):
+        self.scorer = load_scorer(model, RuntimeOptions.of(options, **fields))
 
     def __call__(self, batch):
         rows = batch.column("text").to_pylist() if "text" in batch.column_names else batch.to_pylist()
@@ -108,8 +111,8 @@ class ScoreParts:
     """The actor of `score --ray`: scores whole blocks of the plan, one part file each (see the module
     docstring). folder: where the parts go (every node must see it)."""
 
-    def __init__(self, model: str, folder: str, threads: int | None = None, **scorer_args):
-        self.scorer, self.folder = load_scorer(model, threads, scorer_args), Path(folder)
+    def __init__(self, model: str, folder: str, options: RuntimeOptions):
+        self.scorer, self.folder = load_scorer(model, options), Path(folder)
 
     def __call__(self, batch):
         out = {k: [] for k in ("block", "part", "rows", "batches", "tokens", "seconds", "worker")}
@@ -289,33 +292,35 @@ def _destination(output: str) -> tuple[Path, Path | None]:
 
 def score_dataset(input: str, output: str, model: str, workers: int, address: str | None = None,
                   gpus_per_worker: float = 0, cpus_per_worker: float = 1, block_rows: int = BLOCK_ROWS,
-                  resume: bool = False, scorer_args: dict | None = None, log: Callable[[str], None] = print,
+                  resume: bool = False, scorer_args: RuntimeOptions | dict | None = None,
+                  log: Callable[[str], None] = print,
                   progress: bool = False, udf: type = ScoreParts) -> int:
     """Score every row of `input` into `output` (a folder, or one .jsonl / .parquet file) with `workers`
-    Ray actors; returns the number of rows. See the module docstring."""
+    Ray actors, each running the model as scorer_args say (RuntimeOptions, or a dict of its fields);
+    returns the number of rows. See the module docstring."""
     import ray
 
     files = input_files(input)
     folder, final = _destination(output)
-    scorer_args = scorer_args or {}
+    options = RuntimeOptions.of(scorer_args)
     if not (Path(model) / "config.json").is_file():
         raise RequestError(f"--model {model}: no config.json there (expected a checkpoint folder)")
     settings = json.loads(json.dumps({"model": str(Path(model).resolve()), "config_sha256": file_sha256(
-        Path(model) / "config.json"), **{k: v for k, v in scorer_args.items() if k not in ("threads", "log")}}))
+        Path(model) / "config.json"), **{k: v for k, v in asdict(options).items() if k != "threads"}}))
     if final is not None and final.exists():
         if resume and not folder.exists():
             log(f"--resume: {final} is complete and no interrupted run is there; nothing to do (delete it to score "
                 "again)")
             return 0
-        raise FileExistsError(f"--output {output}: already exists (delete it to score again)")
+        raise OutputExists(f"--output {output}: already exists (delete it to score again)")
     plan_file, manifest_file = folder / "plan.json", folder / "manifest.json"
     interrupted = plan_file.exists()
     if interrupted and not resume:
-        raise FileExistsError(f"--output {output}: an interrupted run's parts are in {folder} (pass --resume to "
+        raise OutputExists(f"--output {output}: an interrupted run's parts are in {folder} (pass --resume to "
                               "continue it, or delete it)" if final or not _manifest(manifest_file)["complete"]
                               else f"--output {output}: already complete (delete it to score again)")
     if not interrupted and folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"--output {output}: {folder} holds files but no plan.json: not a worldpm-lite parts "
+        raise OutputExists(f"--output {output}: {folder} holds files but no plan.json: not a worldpm-lite parts "
                               "folder (choose an empty or new folder)")
     init_ray(address)
     log(f"ray: {ray.cluster_resources()}")
@@ -346,7 +351,7 @@ def score_dataset(input: str, output: str, model: str, workers: int, address: st
         log(f"--resume: {len(parts)} of {len(blocks)} parts ({sum(p['rows'] for p in parts.values())} rows) are done; "
             f"scoring the other {len(todo)}")
     if todo:
-        _run(ray, todo, folder, model, workers, cpus_per_worker, gpus_per_worker, scorer_args, udf, manifest,
+        _run(ray, todo, folder, model, workers, cpus_per_worker, gpus_per_worker, options, udf, manifest,
              manifest_file, parts, total, progress)
     manifest.update(complete=True, rows=total)
     write_json_atomic(manifest_file, manifest)
@@ -397,24 +402,24 @@ def _resumable(plan_file: Path, settings: dict, files: list[Path], ray) -> dict:
     saved = plan["settings"]
     changed = sorted(k for k in set(settings) | set(saved) if settings.get(k) != saved.get(k))
     if changed:
-        raise ValueError(f"{plan_file}: the interrupted run used other settings ({', '.join(changed)}: "
+        raise InputError(f"{plan_file}: the interrupted run used other settings ({', '.join(changed)}: "
                          f"{[saved.get(k) for k in changed]}, now {[settings.get(k) for k in changed]}); rerun with "
                          f"those, or delete {plan_file.parent} to start over")
     was = {f["file"]: f for f in plan["input"]}
     now = {f["file"]: f for f in _fingerprint(files)}
     if set(was) != set(now):
-        raise ValueError(f"{plan_file}: the input's files changed since the interrupted run (then: "
+        raise InputError(f"{plan_file}: the input's files changed since the interrupted run (then: "
                          f"{sorted(was)}; now: {sorted(now)}); delete {plan_file.parent} to start over")
     for name, f in now.items():
         if f["size"] != was[name]["size"]:
-            raise ValueError(f"{name}: changed since the interrupted run ({was[name]['size']} bytes then, {f['size']} "
+            raise InputError(f"{name}: changed since the interrupted run ({was[name]['size']} bytes then, {f['size']} "
                              f"now); delete {plan_file.parent} to start over")
     touched = [b for b in plan["blocks"] if now[b["file"]]["mtime_ns"] != was[b["file"]]["mtime_ns"]]
     for b, c in zip(touched, ray.get([_check_task(ray).remote(b) for b in touched])):
         if c["bad"] is not None or (c["rows"], c["sha256"]) != (b["rows"], b["sha256"]):
             where = (f"lines {b['first_line']}-{b['first_line'] + b['lines'] - 1}" if "start" in b
                      else f"rows {b['row'] + 1}-{b['row'] + b['length']}")
-            raise ValueError(f"{b['file']}: its content changed since the interrupted run (block {b['block']}, "
+            raise InputError(f"{b['file']}: its content changed since the interrupted run (block {b['block']}, "
                              f"{where}); delete {plan_file.parent} to start over")
     if touched:
         plan["input"] = list(now.values())  # same content, newer times: checked once
@@ -422,21 +427,21 @@ def _resumable(plan_file: Path, settings: dict, files: list[Path], ray) -> dict:
     return plan
 
 
-def _run(ray, todo, folder, model, workers, cpus_per_worker, gpus_per_worker, scorer_args, udf, manifest,
+def _run(ray, todo, folder, model, workers, cpus_per_worker, gpus_per_worker, options, udf, manifest,
          manifest_file, parts, total, progress) -> None:
     """Score the blocks in `todo` on the actor pool, recording each finished part in the manifest."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts rows
     ds = ray.data.from_items([{"block": json.dumps(b)} for b in todo], override_num_blocks=len(todo))
     scored = ds.map_batches(udf, fn_constructor_kwargs={"model": str(model), "folder": str(folder.resolve()),
-                                                        **scorer_args},
+                                                        "options": options},
                             batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_worker,
                             num_gpus=gpus_per_worker or None,
                             compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo)),
                                                                max_tasks_in_flight_per_actor=1))
-    from .stream import _bar
+    from .stream import progress_bar
 
-    bar = _bar(total, sum(p["rows"] for p in parts.values())) if progress else None
+    bar = progress_bar(total, sum(p["rows"] for p in parts.values())) if progress else None
     try:
         for row in scored.iter_rows():
             parts[int(row["block"])] = {"part": str(row["part"]), "seconds": float(row["seconds"]),

@@ -25,30 +25,28 @@ from .chat import (
 from .checkpoint import Checkpoint
 from .data import prompt_messages, with_response
 from .devices import check_device
+from .errors import InputError
 from .model import WorldPM, load_model
-from .offload import Offload
 from .offload_plan import MLP_CHUNK, place_checkpoint
-from .packing import Group, pack, run_batches, shared_prefix
-from .plan import parse_size
+from .options import RuntimeOptions
+from .packing import Group, pack_batches, run_batches, shared_prefix
 from .qlinear import GPTQLinear
 
 log = logging.getLogger(__name__)
-TRUNCATION = ("error", "left")
 # padded tokens per forward pass: GPUs want large batches; on a CPU smaller ones stay in cache
 # (bench/test_throughput.py: 2048 scored 22% faster than 8192 on the 2-core box)
 DEFAULT_TOKEN_BUDGET = {"cpu": 2048, "cuda": 8192}
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # RuntimeOptions.dtype
 
 
 PADDED_WINDOW = 64  # the padded path sorts by length within windows of this many token budgets
 
 
-class ConversationTooLong(ValueError):
-    pass
+class ConversationTooLong(InputError):
+    """A conversation longer than the model reads (and truncation is "error")."""
 
 
-class DoesNotFit(ValueError):
+class DoesNotFit(InputError):
     """One conversation (or shared prompt) ran out of GPU memory alone in its pass."""
 
     def __init__(self, group: int, tokens: int, budget: int):
@@ -77,7 +75,7 @@ class _Replay:
             self.first += 1
 
 
-class NonFiniteScore(ValueError):
+class NonFiniteScore(InputError):
     """A score came out NaN or inf: the weights (or their quantization) are broken."""
 
     def __init__(self, group: int, part: int, value: float):
@@ -178,15 +176,13 @@ class Scorer:
     def __init__(self, model: WorldPM, tokenizer, *, token_budget: int | None = None,
                  truncation: str = "error", max_length: int | None = None, packing: bool = True,
                  share_prompts: bool = True, pipeline: bool = True):
-        if truncation not in TRUNCATION:
-            raise ValueError(f"truncation: expected one of {TRUNCATION}, found {truncation!r}")
+        RuntimeOptions(token_budget=token_budget, truncation=truncation, packing=packing, share_prompts=share_prompts,
+                       pipeline=pipeline)  # the one place these are checked
         if token_budget is None:
             token_budget = DEFAULT_TOKEN_BUDGET["cpu" if model.compute_device.type == "cpu" else "cuda"]
-        if token_budget < 1:
-            raise ValueError(f"token_budget: expected a positive integer, found {token_budget}")
         limit = model.config.max_position_embeddings
         if max_length is not None and not 2 <= max_length <= limit:
-            raise ValueError(f"max_length: expected 2..{limit} (max_position_embeddings), found {max_length}")
+            raise InputError(f"max_length: expected 2..{limit} (max_position_embeddings), found {max_length}")
         self.model, self.tokenizer = model, tokenizer
         self.token_budget, self.truncation = token_budget, truncation
         self.packing, self.share_prompts, self.pipeline = packing, share_prompts, pipeline
@@ -194,49 +190,37 @@ class Scorer:
         self.pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: torch.dtype | str | None = None,
-                        max_memory: dict | None = None, backend: str = "auto", quant: str | None = None,
-                        offload: bool | Offload | None = None, host_memory: int | str | None = None,
-                        log=None, **kwargs) -> Scorer:
-        """Load a bf16 or GPTQ checkpoint directory.
+    def from_pretrained(cls, path: str | Path, options: RuntimeOptions | dict | None = None, *, log=None,
+                        **overrides) -> Scorer:
+        """Load a bf16 or GPTQ checkpoint directory to run as `options` say: a RuntimeOptions (its
+        docstring explains each field), a dict of its fields, or those fields as keywords, e.g.
+        Scorer.from_pretrained(DIR, device="cpu", token_budget=4096, max_memory={0: "22GiB"}).
 
-        device: "auto" (default): every visible GPU, whole decoder layers placed in order under each
-        GPU's free memory (or `max_memory`, e.g. {0: "22GiB", 1: "22GiB"}) minus a reserve for the
-        activations of `token_budget` tokens, on as few GPUs as hold them, balanced; when they do not
-        all fit, as many as fit stay resident on the first GPU and the rest stream from pinned host
-        memory behind compute (offload.py), with a pass size the plan picks. The CPU when no GPU is
-        visible. Or "cpu", "cuda", "cuda:N".
-        offload: None (stream only when the layers do not fit), True (always plan a streamed split;
-        on the CPU every layer streams, which tests the executor), False (never), or an
-        `offload.Offload` naming the streamed layers and the ring size. host_memory: bytes or "64GiB"
-        the streamed layers may take (default: what is available now).
-        Each tensor goes from its shard straight to its device.
-        dtype defaults to float32 on CPU and bfloat16 on GPU. backend: for GPTQ linears and the
-        tail, "auto" (Triton on GPUs, torch on CPU), "torch" or "triton". quant: "bnb-nf4" or
-        "bnb-int8" quantizes a bf16 checkpoint's decoder linears with bitsandbytes while loading.
+        device "auto" (the default): every visible GPU, whole decoder layers placed in order under each
+        GPU's free memory (or `max_memory`) minus a reserve for the activations of `token_budget` tokens,
+        on as few GPUs as hold them, balanced; when they do not all fit, as many as fit stay resident on
+        the first GPU and the rest stream from pinned host memory behind compute (offload.py), with a
+        pass size the plan picks. The CPU when no GPU is visible. Each tensor goes from its shard
+        straight to its device.
         log: called with one line saying where the layers go, before any weight is read."""
-        if isinstance(dtype, str):
-            if dtype not in DTYPE_NAMES:
-                raise ValueError(f"dtype: expected one of {sorted(DTYPE_NAMES)}, found {dtype!r}")
-            dtype = DTYPE_NAMES[dtype]
-        if isinstance(host_memory, str):
-            host_memory = parse_size(host_memory)
-        device = check_device(device)
+        opts = RuntimeOptions.of(options, **overrides)
+        device = check_device(opts.device)
+        dtype = TORCH_DTYPES[opts.dtype] if opts.dtype else None
         ckpt = Checkpoint(path)
-        placement = place_checkpoint(ckpt, device, dtype or torch.bfloat16, max_memory, kwargs.get("token_budget"),
-                                     quant, offload, host_memory)
+        placement = place_checkpoint(ckpt, device, dtype or torch.bfloat16, opts.max_memory, opts.token_budget,
+                                     opts.quant, opts.offload, opts.host_memory)
         if log is not None and placement.summary:
             log(placement.summary)
         dm = placement.device_map
         first = torch.device("cuda" if isinstance(dm, dict) else dm)
         if dtype is None:
             dtype = torch.float32 if first.type == "cpu" else torch.bfloat16
-        if placement.token_budget and not kwargs.get("token_budget"):
-            kwargs["token_budget"] = placement.token_budget
-        model = load_model(ckpt, dtype, dm, backend, quant, placement.offload)
+        model = load_model(ckpt, dtype, dm, opts.backend, opts.quant, placement.offload)
         if model.streamer is not None and model.streamer.device.type == "cuda":
             model.mlp_chunk = MLP_CHUNK
-        return cls(model, load_tokenizer(path), **kwargs)
+        return cls(model, load_tokenizer(path), token_budget=opts.token_budget or placement.token_budget,
+                   truncation=opts.truncation, packing=opts.packing, share_prompts=opts.share_prompts,
+                   pipeline=opts.pipeline)
 
     @property
     def backend(self) -> str:
@@ -254,15 +238,17 @@ class Scorer:
 
     def encode(self, conversations: list, where: str = "conversation") -> list[list[int]]:
         """Token ids of each conversation (refused unless it ends with the assistant's reply)."""
-        return [self._fit(encode_conversation(self.tokenizer, check_scored_conversation(conv, f"{where} {n}")),
+        return [self.fit(encode_conversation(self.tokenizer, check_scored_conversation(conv, f"{where} {n}")),
                           f"{where} {n}") for n, conv in enumerate(conversations)]
 
     def encode_texts(self, texts: list, where: str = "query") -> list[list[int]]:
         """Token ids of already templated texts (OpenRLHF's queries), see chat.encode_text."""
-        return [self._fit(encode_text(self.tokenizer, t, f"{where}[{n}]"), f"{where}[{n}]")
+        return [self.fit(encode_text(self.tokenizer, t, f"{where}[{n}]"), f"{where}[{n}]")
                 for n, t in enumerate(texts)]
 
-    def _fit(self, ids: list[int], where: str) -> list[int]:
+    def fit(self, ids: list[int], where: str) -> list[int]:
+        """ids as the model reads them: refused (ConversationTooLong) or, with truncation "left", cut to
+        their last max_length tokens."""
         if len(ids) <= self.max_length:
             return ids
         if self.truncation == "error":
@@ -347,7 +333,7 @@ class Scorer:
                 yield g
 
         with torch.inference_mode(), _quiet_bnb():
-            for batch, scores in run_batches(self.model, pack(counted(), self.token_budget), self.pipeline):
+            for batch, scores in run_batches(self.model, pack_batches(counted(), self.token_budget), self.pipeline):
                 values = scores.tolist()
                 owners = [(first + g, j) for g, j in batch.owners]
                 _check_finite(values, owners)

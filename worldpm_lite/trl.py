@@ -19,6 +19,8 @@ import json
 import time
 from pathlib import Path
 
+from .errors import UsageError
+
 NAME = "worldpm"
 RETRY = (429, 500, 502, 503, 504)  # worth another try; any other 4xx is the request's fault
 
@@ -34,7 +36,7 @@ class WorldPMReward:
         from .scorer import Scorer
 
         if retries < 1 or timeout <= 0:
-            raise ValueError(f"retries >= 1 and timeout > 0 expected, found {retries} and {timeout}")
+            raise UsageError(f"retries >= 1 and timeout > 0 expected, found {retries} and {timeout}")
         self.__name__ = name
         self.timeout, self.retries, self.api_key, self.max_items = timeout, retries, api_key, max_items
         self.scorer = self.url = None
@@ -45,7 +47,7 @@ class WorldPMReward:
         elif Path(model_or_url).is_dir():
             self.scorer = Scorer.from_pretrained(model_or_url, **scorer_args)
         else:
-            raise ValueError(f"model_or_url: expected a checkpoint directory, a Scorer or an http(s) URL of a "
+            raise UsageError(f"model_or_url: expected a checkpoint directory, a Scorer or an http(s) URL of a "
                              f"worldpm-lite serve, found {model_or_url!r}")
 
     def __repr__(self) -> str:
@@ -53,7 +55,7 @@ class WorldPMReward:
 
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
         if len(prompts) != len(completions):
-            raise ValueError(f"prompts and completions: expected as many of each, found {len(prompts)} and "
+            raise UsageError(f"prompts and completions: expected as many of each, found {len(prompts)} and "
                              f"{len(completions)}")
         requests, members = [], []  # one ranking request per distinct prompt, and the completions it holds
         index: dict[str, int] = {}
@@ -104,7 +106,7 @@ class WorldPMReward:
                     return r.json()
                 message = _error_message(r)
                 if r.status_code not in RETRY:
-                    raise ValueError(f"{self.url}/v1/score answered {r.status_code}: {message}")
+                    raise UsageError(f"{self.url}/v1/score answered {r.status_code}: {message}")
                 problem = f"{r.status_code}: {message}"
                 delay = float(r.headers["Retry-After"]) if r.headers.get("Retry-After", "").isdigit() else wait
             if attempt == self.retries:
@@ -121,7 +123,7 @@ def _reply(completion, n: int) -> str:
     if (isinstance(completion, list) and completion and isinstance(completion[-1], dict)
             and completion[-1].get("role") == "assistant" and isinstance(completion[-1].get("content"), str)):
         return "".join(m.get("content") or "" for m in completion if m.get("role") == "assistant")
-    raise ValueError(f"completions[{n}]: expected a string or a list of messages ending with the assistant's, found "
+    raise UsageError(f"completions[{n}]: expected a string or a list of messages ending with the assistant's, found "
                      f"{type(completion).__name__}")
 
 
