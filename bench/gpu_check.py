@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 
 from worldpm_lite.checkpoint import GPTQSpec, WorldPMConfig
-from worldpm_lite.kernels.gptq import dequantize, dequantize_ref, gptq_matmul, gptq_matmul_ref
+from worldpm_lite.kernels.dequant import dequantize, dequantize_ref, gptq_matmul, gptq_matmul_ref
 from worldpm_lite.kernels.tail import fused_tail, fused_tail_ref
 from worldpm_lite.model import WorldPM, meta_model
 from worldpm_lite.plan import GIB, WORLDPM_72B, plan
 from worldpm_lite.qlinear import share_scratch
-from worldpm_lite.quantize.pack import pack
+from worldpm_lite.quantize.gptq_format import pack
 
 FAILURES: list[str] = []
 TARGETS: list[dict] = []
@@ -230,7 +230,7 @@ def random_packed_model(config: WorldPMConfig, device, layers: list[int] | None 
 
 def model_flops_per_token(config: WorldPMConfig, seq: int) -> float:
     """Forward FLOPs per token: the decoder linears, plus causal attention (QK and PV) at length seq."""
-    h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.dim_per_head
+    h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
     linear = 2 * h * h + 2 * h * kv + 3 * h * i
     return config.num_hidden_layers * (2 * linear + 2 * 2 * h * seq / 2)
 
@@ -288,7 +288,7 @@ def packed_vs_padded(model, config, device, smoke: bool) -> dict:
     in packed streams vs right-padded length-sorted batches, 8192-token budget each."""
     import numpy as np
 
-    from worldpm_lite.packing import Group, pack, run_batches
+    from worldpm_lite.packing import Group, pack_batches, run_batches
     from worldpm_lite.scorer import plan_batches
 
     rng = np.random.default_rng(0)
@@ -297,7 +297,7 @@ def packed_vs_padded(model, config, device, smoke: bool) -> dict:
     seqs = [rng.integers(0, config.vocab_size, k).tolist() for k in lengths]
 
     def packed():
-        batches = pack([Group(None, [q]) for q in seqs], budget)
+        batches = pack_batches([Group(None, [q]) for q in seqs], budget)
         return [s for _, out in run_batches(model, batches) for s in out.tolist()]
 
     def padded():

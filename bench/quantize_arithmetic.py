@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from worldpm_lite.checkpoint import Checkpoint
 from worldpm_lite.instrument import layer_errors
+from worldpm_lite.options import QuantConfig
 from worldpm_lite.quantize import pipeline
 from worldpm_lite.quantize.calibration import builtin_calibration
-from worldpm_lite.quantize.gptq import QuantConfig
 from worldpm_lite.quantize.pipeline import LayerReader, stream_layers
 from worldpm_lite.scorer import Scorer
 from worldpm_lite.tiny import TINY_QUANT, heldout_pairs, tiny_model_dir

@@ -32,8 +32,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from worldpm_lite.options import QuantConfig
 from worldpm_lite.plan import WORLDPM_72B
-from worldpm_lite.quantize.gptq import Clock, QuantConfig, gptq, hessian_add, hessian_init, rtn
+from worldpm_lite.quantize.gptq import Clock, gptq, hessian_add, hessian_init, rtn
 from worldpm_lite.quantize.pipeline import (
     BATCH_TOKENS,
     LAYER_GROUPS,

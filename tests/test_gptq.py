@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from worldpm_lite.options import QuantConfig
 from worldpm_lite.quantize.gptq import (
     Clock,
-    QuantConfig,
     dequantize,
     find_params,
     gptq,
@@ -12,7 +12,7 @@ from worldpm_lite.quantize.gptq import (
     quantize,
     rtn,
 )
-from worldpm_lite.quantize.pack import dequantize_packed, pack, unpack
+from worldpm_lite.quantize.gptq_format import dequantize_packed, pack, unpack
 
 
 def correlated_inputs(rows, n, seed):
@@ -104,7 +104,7 @@ def test_bad_config():
             QuantConfig(**kwargs)
     with pytest.raises(ValueError, match="multiple of group_size"):
         rtn(torch.randn(4, 96), QuantConfig(group_size=64))
-    from worldpm_lite.quantize.run import QuantizeSettings
+    from worldpm_lite.options import QuantizeSettings
 
     with pytest.raises(ValueError, match="4 or 8"):  # 3 bits is for the negative controls only: no checkpoint format
         QuantizeSettings(bits=3)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from worldpm_lite.kernels.gptq_block import gptq_block, gptq_block_ref
-from worldpm_lite.quantize.gptq import QuantConfig, gptq, hessian_add, hessian_init, rtn
+from worldpm_lite.options import QuantConfig
+from worldpm_lite.quantize.gptq import gptq, hessian_add, hessian_init, rtn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -28,7 +29,7 @@ def hinv_of(x: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
 
-def tail_of(W: torch.Tensor, i1: int, i2: int, size: int):
+def spill_of(W: torch.Tensor, i1: int, i2: int, size: int):
     """The columns past the block of the group of its last column, when that group starts inside the block."""
     start = (i2 - 1) // size * size
     return W[:, i2:start + size] if i1 <= start and start + size > i2 else None
@@ -55,11 +56,11 @@ def test_block_matches_reference(out, n, i1, i2, size, sym, bits):
     scales = (torch.rand(groups, out, generator=g) * 0.2 + 0.05).half().float().to(DEVICE)  # earlier groups' grids
     zeros = (torch.full((groups, out), (maxq + 1) / 2) if sym else
              torch.randint(0, maxq + 1, (groups, out), generator=g).float()).to(DEVICE)
-    tail = tail_of(W, i1, i2, size)
+    spill = spill_of(W, i1, i2, size)
     got_w, want_w = W[:, i1:i2].clone(), W[:, i1:i2].clone()
     got_s, want_s, got_z, want_z = scales.clone(), scales.clone(), zeros.clone(), zeros.clone()
-    got_q, got_e = gptq_block(got_w, Hinv[i1:i2, i1:i2], got_s, got_z, i1, size, maxq, sym, tail)
-    want_q, want_e = gptq_block_ref(want_w, Hinv[i1:i2, i1:i2], want_s, want_z, i1, size, maxq, sym, tail)
+    got_q, got_e = gptq_block(got_w, Hinv[i1:i2, i1:i2], got_s, got_z, i1, size, maxq, sym, spill)
+    want_q, want_e = gptq_block_ref(want_w, Hinv[i1:i2, i1:i2], want_s, want_z, i1, size, maxq, sym, spill)
     assert want_q.min() >= 0 and want_q.max() <= maxq and (want_e != 0).any()
     assert torch.equal(got_q, want_q)
     assert torch.equal(got_e, want_e)
@@ -99,7 +100,7 @@ def check_same(a, b):
 @pytest.mark.parametrize("act", [False, True])
 def test_gptq_kernel_equals_loop(act, group, sym, bits):
     """gptq(kernel=True) == gptq(kernel=False) bit for bit. Blocks of 48 columns over 64 (128) inputs:
-    a partial last block, groups ending past their block (a tail) and groups carried into the next."""
+    a partial last block, groups ending past their block (a spill) and groups carried into the next."""
     n = 128 if group == 128 else 64
     x = inputs(256, n, seed=n + bits)
     h = hessian_init(n)
@@ -145,9 +146,9 @@ def test_bad_arguments():
         gptq_block(W1, torch.eye(16), scales, zeros, 0, 32, 15, True)
     with pytest.raises(ValueError, match="scales"):
         gptq_block(W1, Hinv1, torch.ones(1, 4), zeros, 0, 32, 15, True)
-    with pytest.raises(ValueError, match="tail"):  # a 64-column group starting here needs its other 32 columns
+    with pytest.raises(ValueError, match="spill"):  # a 64-column group starting here needs its other 32 columns
         gptq_block(W1, Hinv1, scales, zeros, 0, 64, 15, True)
-    with pytest.raises(ValueError, match="tail"):
-        gptq_block(W1, Hinv1, scales, zeros, 0, 64, 15, True, tail=torch.randn(8, 16))
+    with pytest.raises(ValueError, match="spill"):
+        gptq_block(W1, Hinv1, scales, zeros, 0, 64, 15, True, spill=torch.randn(8, 16))
     with pytest.raises(ValueError, match="W1"):
         gptq_block(torch.randn(8, 300), torch.eye(300), scales, zeros, 0, 300, 15, True)

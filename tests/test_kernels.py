@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from worldpm_lite.kernels.gptq import dequantize, dequantize_ref, gptq_matmul, gptq_matmul_ref
+from worldpm_lite.kernels.dequant import dequantize, dequantize_ref, gptq_matmul, gptq_matmul_ref
 from worldpm_lite.kernels.tail import fused_tail, fused_tail_ref
-from worldpm_lite.quantize.pack import dequantize_packed, pack
+from worldpm_lite.quantize.gptq_format import dequantize_packed, pack
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -8,8 +8,8 @@ import torch
 from helpers import SMALL
 
 from worldpm_lite.checkpoint import Checkpoint
+from worldpm_lite.options import QuantConfig
 from worldpm_lite.quantize import pipeline
-from worldpm_lite.quantize.gptq import QuantConfig
 from worldpm_lite.quantize.pipeline import (
     LAYER_GROUPS,
     LayerReader,

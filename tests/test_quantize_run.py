@@ -16,7 +16,7 @@ from safetensors import safe_open
 from worldpm_lite.checkpoint import Checkpoint, write_checkpoint
 from worldpm_lite.cli import main
 from worldpm_lite.quantize import run
-from worldpm_lite.quantize.pack import dequantize_packed
+from worldpm_lite.quantize.gptq_format import dequantize_packed
 from worldpm_lite.scorer import Scorer
 
 FAST = ["--samples", "6", "--seq-len", "48"]

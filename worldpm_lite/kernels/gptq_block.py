@@ -1,11 +1,13 @@
-"""GPTQ's lazy block in one launch: the column loop over one block of `B` (<= 256) columns of
-`gptq()` in quantize/gptq.py (Frantar et al. 2022, section 4, "Lazy Batch-Updates").
+"""GPTQ's column loop over one lazy block of `B` (<= 256) columns (Frantar et al. 2022, section 4,
+"Lazy Batch-Updates"): `gptq_block_ref` in torch, which quantize/gptq.py runs on the CPU, and
+`gptq_block`, the same loop in one Triton launch, which it runs on a GPU and which is tested against
+the reference. Imports only torch and triton.
 
 Per column j of the block, in quantization order (col = col0 + j):
   - when a group starts there (col % group_size == 0): its min/max grid from the updated, not yet
-    quantized weights of its columns (those past the block come in as `tail`), with find_params'
-    rules: range widened to include 0, symmetric or not, dead rows (lo == hi == 0) -> [-1, 1],
-    scale rounded to fp16; written to scales/zeros[col // group_size];
+    quantized weights of its columns (those past the block come in as `spill`), with the min/max
+    grid's rules (`group_grid`): range widened to include 0, symmetric or not, dead rows (lo == hi == 0) ->
+    [-1, 1], scale rounded to fp16; written to scales/zeros[col // group_size];
   - q = clamp(round(w / scale) + zero, 0, maxq), err = (w - (q - zero) * scale) / Hinv1[j, j];
   - OBS update of the rest of the block: W1[:, j:] -= err * Hinv1[j, j:]; Err1[:, j] = err.
 The deferred update of the later columns, W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:], stays a GEMM
@@ -26,7 +28,7 @@ Arguments (both functions):
           written; the row of the group in force at col0 is read when none starts there.
   col0    the block's first column (quantization order); group_size: columns per group (resolved,
           never -1); maxq: 2^bits - 1; sym: symmetric grid.
-  tail    [out, t] fp32: W's columns just past the block that belong to the group of the block's
+  spill   [out, t] fp32: W's columns just past the block that belong to the group of the block's
           last column when that group starts inside the block and ends past it (W[:, i2:i2 + t]),
           else None.
 Returns (Q1 [out, B] int32 levels, Err1 [out, B] fp32 scaled errors).
@@ -40,17 +42,15 @@ import torch
 import triton
 import triton.language as tl
 
-from worldpm_lite.quantize.gptq import QuantConfig, find_params
-
 BLOCK_M = {"cuda": 32, "cpu": 64}  # rows per program; the interpreter pays per operation, not per element
 MAX_B = 256  # columns per block: the [BLOCK_M, B] tile lives in registers
 LAUNCH_NAME = "triton::gptq_block"  # the profiler event around each launch
 
 
 @triton.jit
-def _gptq_block_kernel(w_ptr, hinv_ptr, scales_ptr, zeros_ptr, tail_lo_ptr, tail_hi_ptr, q_ptr, err_ptr,
+def _gptq_block_kernel(w_ptr, hinv_ptr, scales_ptr, zeros_ptr, spill_lo_ptr, spill_hi_ptr, q_ptr, err_ptr,
                        M, B, col0, size, maxq, stride_w, stride_hr, stride_hc,
-                       SYM: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+                       SYM: tl.constexpr, HAS_SPILL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK)
     in_rows = rows < M
@@ -61,9 +61,9 @@ def _gptq_block_kernel(w_ptr, hinv_ptr, scales_ptr, zeros_ptr, tail_lo_ptr, tail
     w = tl.load(w_ptr + w_offs, mask=tile_mask, other=0.0)  # [BLOCK_M, BLOCK]
     q_tile = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)  # levels, stored once at the end
     e_tile = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)  # Err1
-    if HAS_TAIL:
-        tail_lo = tl.load(tail_lo_ptr + rows, mask=in_rows, other=0.0)
-        tail_hi = tl.load(tail_hi_ptr + rows, mask=in_rows, other=0.0)
+    if HAS_SPILL:
+        spill_lo = tl.load(spill_lo_ptr + rows, mask=in_rows, other=0.0)
+        spill_hi = tl.load(spill_hi_ptr + rows, mask=in_rows, other=0.0)
     fmaxq = maxq * 1.0
     g = col0 // size  # the group in force at the block's first column (started in an earlier block)
     scale = tl.load(scales_ptr + g * M + rows, mask=in_rows, other=1.0)  # [BLOCK_M]
@@ -77,10 +77,10 @@ def _gptq_block_kernel(w_ptr, hinv_ptr, scales_ptr, zeros_ptr, tail_lo_ptr, tail
             in_group = (c >= j) & (c < j + size) & in_cols[None, :]
             lo = tl.min(tl.where(in_group, w, float("inf")), axis=1)
             hi = tl.max(tl.where(in_group, w, float("-inf")), axis=1)
-            if HAS_TAIL:
+            if HAS_SPILL:
                 if j + size > B:  # the block's last group: its columns past the block
-                    lo = tl.minimum(lo, tail_lo)
-                    hi = tl.maximum(hi, tail_hi)
+                    lo = tl.minimum(lo, spill_lo)
+                    hi = tl.maximum(hi, spill_hi)
             lo = tl.minimum(lo, 0.0)
             hi = tl.maximum(hi, 0.0)
             if SYM:
@@ -122,8 +122,33 @@ def _gptq_block_kernel(w_ptr, hinv_ptr, scales_ptr, zeros_ptr, tail_lo_ptr, tail
     tl.store(err_ptr + out_offs, e_tile, mask=tile_mask)
 
 
-def _check(W1, Hinv1, scales, zeros, col0: int, group_size: int, maxq: int, tail) -> tuple[int, int, int]:
-    """(out, B, t): rows, block columns and the tail's width the call needs; ValueError naming the argument."""
+def group_grid(w: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row min/max grid for w [rows, cols] -> (scale [rows, 1] fp32, zero [rows, 1] fp32 integral):
+    the range widened to include 0, symmetric (zero in the middle) or not, a dead row (all 0) given
+    [-1, 1]. The scale is rounded to fp16 now: the checkpoint stores fp16 scales, so quantization uses
+    exactly the grid that will be dequantized later."""
+    w = w.float()
+    lo = torch.minimum(w.min(dim=1, keepdim=True).values, torch.zeros(1, device=w.device))
+    hi = torch.maximum(w.max(dim=1, keepdim=True).values, torch.zeros(1, device=w.device))
+    if sym:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = -hi
+    dead = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(dead, -1.0, lo), torch.where(dead, 1.0, hi)
+    scale = ((hi - lo) / maxq).half().float()
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
+    return scale, zero
+
+
+def spill_width(col0: int, B: int, group_size: int) -> int:
+    """Columns past a block of B columns at col0 that belong to the group of its last column, when that
+    group starts inside the block (the grid of a group is set where it starts); else 0."""
+    start = (col0 + B - 1) // group_size * group_size
+    return max(0, start + group_size - (col0 + B)) if start >= col0 else 0
+
+
+def _check(W1, Hinv1, scales, zeros, col0: int, group_size: int, maxq: int, spill) -> tuple[int, int, int]:
+    """(out, B, t): rows, block columns and the spill's width the call needs; ValueError naming the argument."""
     if W1.dtype != torch.float32 or W1.dim() != 2 or W1.stride(1) != 1:
         raise ValueError(f"W1: expected a 2-D fp32 tensor with unit column stride, found {W1.dtype} "
                          f"{tuple(W1.shape)} strides {W1.stride()}")
@@ -141,25 +166,24 @@ def _check(W1, Hinv1, scales, zeros, col0: int, group_size: int, maxq: int, tail
         if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != M or t.shape[0] <= last or not t.is_contiguous():
             raise ValueError(f"{name}: expected contiguous fp32 [groups > {last}, {M}], found {t.dtype} "
                              f"{tuple(t.shape)}")
-    start = last * group_size
-    width = start + group_size - (col0 + B) if start >= col0 else 0  # last group starts inside, may end past
-    if width > 0 and (tail is None or tail.dtype != torch.float32 or tuple(tail.shape) != (M, width)):
-        found = None if tail is None else f"{tail.dtype} {tuple(tail.shape)}"
-        raise ValueError(f"tail: expected fp32 [{M}, {width}] (the last group's columns past the block), "
+    width = spill_width(col0, B, group_size)
+    if width and (spill is None or spill.dtype != torch.float32 or tuple(spill.shape) != (M, width)):
+        found = None if spill is None else f"{spill.dtype} {tuple(spill.shape)}"
+        raise ValueError(f"spill: expected fp32 [{M}, {width}] (the last group's columns past the block), "
                          f"found {found}")
-    if width <= 0 and tail is not None and tail.numel():
-        raise ValueError(f"tail: expected None (no group of this block ends past it), found {tuple(tail.shape)}")
-    devices = {t.device for t in (W1, Hinv1, scales, zeros) + ((tail,) if width > 0 else ())}
+    if not width and spill is not None and spill.numel():
+        raise ValueError(f"spill: expected None (no group of this block ends past it), found {tuple(spill.shape)}")
+    devices = {t.device for t in (W1, Hinv1, scales, zeros) + ((spill,) if width else ())}
     if len(devices) != 1:
-        raise ValueError(f"W1, Hinv1, scales, zeros, tail: expected one device, found {sorted(map(str, devices))}")
-    return M, B, max(width, 0)
+        raise ValueError(f"W1, Hinv1, scales, zeros, spill: expected one device, found {sorted(map(str, devices))}")
+    return M, B, width
 
 
 def gptq_block_ref(W1, Hinv1, scales, zeros, col0: int, group_size: int, maxq: int, sym: bool,
-                   tail=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   spill=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The column loop of one block in torch: (Q1 [out, B] int32, Err1 [out, B] fp32); W1, scales, zeros
-    updated in place."""
-    M, B, _ = _check(W1, Hinv1, scales, zeros, col0, group_size, maxq, tail)
+    updated in place. What quantize/gptq.py runs on the CPU."""
+    M, B, _ = _check(W1, Hinv1, scales, zeros, col0, group_size, maxq, spill)
     size = group_size
     Q1 = torch.zeros(M, B, dtype=torch.int32, device=W1.device)
     Err1 = torch.zeros(M, B, device=W1.device)
@@ -167,9 +191,9 @@ def gptq_block_ref(W1, Hinv1, scales, zeros, col0: int, group_size: int, maxq: i
     scale, zero = scales[g].unsqueeze(1).clone(), zeros[g].unsqueeze(1).clone()  # [out, 1]
     for j in range(B):
         col = col0 + j
-        if col % size == 0:
-            group_w = W1[:, j:j + size] if j + size <= B else torch.cat([W1[:, j:], tail], dim=1)
-            scale, zero = find_params(group_w, QuantConfig(bits=(maxq + 1).bit_length() - 1, sym=sym))
+        if col % size == 0:  # a new group: its grid from the updated, not yet quantized weights
+            group_w = W1[:, j:j + size] if j + size <= B else torch.cat([W1[:, j:], spill], dim=1)
+            scale, zero = group_grid(group_w, maxq, sym)
             scales[col // size], zeros[col // size] = scale[:, 0], zero[:, 0]
         wcol = W1[:, j]
         q = torch.clamp(torch.round(wcol.unsqueeze(1) / scale) + zero, 0, maxq).to(torch.int32)
@@ -181,18 +205,18 @@ def gptq_block_ref(W1, Hinv1, scales, zeros, col0: int, group_size: int, maxq: i
 
 
 def gptq_block(W1, Hinv1, scales, zeros, col0: int, group_size: int, maxq: int, sym: bool,
-               tail=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The column loop of one block in one launch (plus a min/max over `tail` when there is one):
+               spill=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column loop of one block in one launch (plus a min/max over `spill` when there is one):
     (Q1 [out, B] int32, Err1 [out, B] fp32); W1, scales, zeros updated in place, bit-identical to
     gptq_block_ref."""
-    M, B, width = _check(W1, Hinv1, scales, zeros, col0, group_size, maxq, tail)
+    M, B, width = _check(W1, Hinv1, scales, zeros, col0, group_size, maxq, spill)
     Q1 = torch.empty(M, B, dtype=torch.int32, device=W1.device)
     Err1 = torch.empty(M, B, device=W1.device)
-    tail_lo, tail_hi = tail.aminmax(dim=1) if width else (Err1, Err1)  # columns the block does not change
+    spill_lo, spill_hi = spill.aminmax(dim=1) if width else (Err1, Err1)  # columns the block does not change
     block_m = BLOCK_M.get(W1.device.type, 32)
     with torch.profiler.record_function(LAUNCH_NAME):  # a profile counts the launch (bench/quantize_layer_cost.py)
         _gptq_block_kernel[(triton.cdiv(M, block_m),)](
-            W1, Hinv1, scales, zeros, tail_lo, tail_hi, Q1, Err1, M, B, col0, group_size, maxq,
-            W1.stride(0), Hinv1.stride(0), Hinv1.stride(1), SYM=sym, HAS_TAIL=width > 0, BLOCK_M=block_m,
+            W1, Hinv1, scales, zeros, spill_lo, spill_hi, Q1, Err1, M, B, col0, group_size, maxq,
+            W1.stride(0), Hinv1.stride(0), Hinv1.stride(1), SYM=sym, HAS_SPILL=width > 0, BLOCK_M=block_m,
             BLOCK=max(16, triton.next_power_of_2(B)), enable_fp_fusion=False)
     return Q1, Err1

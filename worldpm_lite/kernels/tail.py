@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gptq import FLOATS, check_out
+from .dequant import FLOATS, check_out
 
 MAX_BB = 64  # sequences per head program: the head weight is read once per MAX_BB sequences
 BN = 64  # output features per head program

@@ -16,6 +16,7 @@ import json
 
 from worldpm_lite.chat import encode_conversation
 from worldpm_lite.data import read_requests, sharegpt_conversations
+from worldpm_lite.errors import InputError
 
 MIN_TOKENS = 16
 
@@ -67,7 +68,7 @@ def builtin_calibration(tokenizer, samples: int, seq_len: int, cut=whole_convers
     """Real ShareGPT conversations, in file order."""
     out = _take(tokenizer, sharegpt_conversations(), samples, seq_len, cut, scan=max(2000, 20 * samples))
     if len(out) < samples:
-        raise ValueError(f"the built-in set has only {len(out)} usable conversations; asked for {samples}")
+        raise InputError(f"the built-in set has only {len(out)} usable conversations; asked for {samples}")
     return out
 
 
@@ -76,7 +77,7 @@ def file_calibration(path: str, tokenizer, samples: int, seq_len: int) -> list[l
     conversations = [c for r in read_requests(path) for c in r.conversations]
     out = _take(tokenizer, conversations, samples, seq_len)
     if not out:
-        raise ValueError(f"{path}: no conversation of at least {MIN_TOKENS} tokens")
+        raise InputError(f"{path}: no conversation of at least {MIN_TOKENS} tokens")
     return out
 
 

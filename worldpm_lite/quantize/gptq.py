@@ -1,6 +1,6 @@
 """GPTQ core as pure functions (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization
-for Generative Pre-trained Transformers"). Imports nothing of worldpm_lite, except the column loop's
-Triton kernel (worldpm_lite.kernels.gptq_block), and that only when gptq() runs it.
+for Generative Pre-trained Transformers"). The column loop of each lazy block is the kernel module's
+(kernels/gptq_block.py): its torch reference on the CPU, its Triton launch on a GPU.
 
 Conventions: a weight is [out, in] (nn.Linear). Quantization is per output row and per group of
 `group_size` input columns: w ~ (q - zero) * scale with q in [0, 2^bits - 1]. Scales and zeros
@@ -15,37 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-BITS = (2, 3, 4, 8)  # the checkpoint format packs 4 and 8; 2 and 3 serve as worse-quantizer controls
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    bits: int = 4
-    group_size: int = 128  # -1: one group per row (per-channel)
-    sym: bool = True
-    act_order: bool = False  # desc_act: quantize columns in order of decreasing Hessian diagonal
-    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal (GPTQ section 4, "Cholesky Reformulation")
-    block_size: int = 128  # columns per lazy batch (section 4, "Lazy Batch-Updates")
-
-    def __post_init__(self):
-        if self.bits not in BITS:
-            raise ValueError(f"bits: expected one of {BITS}, found {self.bits}")
-        if self.group_size != -1 and (self.group_size < 1 or self.group_size % 32):
-            raise ValueError(f"group_size: expected -1 or a positive multiple of 32, found {self.group_size}")
-        if not 0 < self.damp < 1:
-            raise ValueError(f"damp: expected a fraction in (0, 1), found {self.damp}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size: expected a positive integer, found {self.block_size}")
-
-    @property
-    def maxq(self) -> int:
-        return (1 << self.bits) - 1
-
-    def groups(self, in_features: int) -> int:
-        g = in_features if self.group_size == -1 else self.group_size
-        if in_features % g:
-            raise ValueError(f"in_features {in_features} is not a multiple of group_size {g}")
-        return in_features // g
+from worldpm_lite.kernels.gptq_block import gptq_block, gptq_block_ref, group_grid, spill_width
+from worldpm_lite.options import QuantConfig
 
 
 @dataclass
@@ -72,19 +43,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 def find_params(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row min/max grid for w [rows, cols] -> (scale [rows, 1] fp32, zero [rows, 1] fp32 integral)."""
-    w = w.float()
-    lo = torch.minimum(w.min(dim=1, keepdim=True).values, torch.zeros(1, device=w.device))
-    hi = torch.maximum(w.max(dim=1, keepdim=True).values, torch.zeros(1, device=w.device))
-    if cfg.sym:
-        hi = torch.maximum(lo.abs(), hi)
-        lo = -hi
-    dead = (lo == 0) & (hi == 0)
-    lo, hi = torch.where(dead, -1.0, lo), torch.where(dead, 1.0, hi)
-    # Rounded to fp16 now: the checkpoint stores fp16 scales, so quantization uses exactly the grid
-    # that will be dequantized later.
-    scale = ((hi - lo) / cfg.maxq).half().float()
-    zero = torch.full_like(scale, (cfg.maxq + 1) / 2) if cfg.sym else torch.round(-lo / scale)
-    return scale, zero
+    return group_grid(w, cfg.maxq, cfg.sym)
 
 
 def hessian_init(in_features: int, device=None) -> torch.Tensor:
@@ -147,9 +106,10 @@ def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name
     Falls back to RTN, with a warning naming the layer, when H is not positive definite even
     after damping. Works on w's device; w is not modified.
 
-    kernel: run each block's column loop as one Triton launch (kernels/gptq_block.py, the same
-    arithmetic, bit for bit) instead of ~15 torch ops per column. None: on a CUDA device only;
-    True on a CPU tensor needs Triton's interpreter (TRITON_INTERPRET=1 before the kernel's import).
+    kernel: run each block's column loop as one Triton launch (kernels/gptq_block.py's gptq_block)
+    instead of its torch reference gptq_block_ref (~15 torch ops per column), the loop the kernel is
+    tested against. None: on a CUDA device only; True on a CPU tensor needs Triton's interpreter
+    (TRITON_INTERPRET=1 before the kernel's import).
     clock: charges the time to "factor" (damping, Cholesky, inverse), "column_loop" and "deferred_gemm".
     """
     clock = clock or Clock()
@@ -186,34 +146,13 @@ def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name
     Q = torch.zeros_like(W, dtype=torch.int32)
     scales = torch.zeros(groups, out, device=W.device)
     zeros = torch.zeros(groups, out, device=W.device)
-    scale = zero = None
-    use_kernel = W.is_cuda if kernel is None else kernel
-    if use_kernel:
-        from worldpm_lite.kernels.gptq_block import gptq_block  # imports Triton: only when used
+    column_loop = gptq_block if (W.is_cuda if kernel is None else kernel) else gptq_block_ref
     for i1 in range(0, n, cfg.block_size):  # lazy batch of columns
         i2 = min(i1 + cfg.block_size, n)
-        if use_kernel:  # the loop below in one launch; W[:, i1:i2] is updated in place
-            start = (i2 - 1) // size * size  # the group of the block's last column: its columns past the block
-            tail = W[:, i2:start + size] if i1 <= start and start + size > i2 else None
-            Q[:, i1:i2], Err1 = gptq_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scales, zeros, i1, size, cfg.maxq,
-                                           cfg.sym, tail)
-        else:
-            W1, Err1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=W.device)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for j in range(i2 - i1):
-                col = i1 + j
-                if col % size == 0:  # a new group: its grid comes from the updated, not yet quantized weights
-                    # only the group's own columns: copying all later ones made a full-size layer take >25 min
-                    group_w = torch.cat([W1[:, j:j + size], W[:, i2:i2 + max(0, size - (i2 - i1 - j))]], dim=1)
-                    scale, zero = find_params(group_w, cfg)
-                    scales[col // size], zeros[col // size] = scale[:, 0], zero[:, 0]
-                wcol = W1[:, j]
-                q = quantize(wcol.unsqueeze(1), scale, zero, cfg.maxq)
-                Q[:, col] = q[:, 0]
-                err = (wcol - dequantize(q, scale, zero)[:, 0]) / Hinv1[j, j]
-                W1[:, j:] -= err.unsqueeze(1) * Hinv1[j, j:].unsqueeze(0)  # OBS update of the rest of the block
-                Err1[:, j] = err
-            W[:, i1:i2] = W1
+        width = spill_width(i1, i2 - i1, size)  # the last group's columns past the block: its grid reads them
+        # W[:, i1:i2] is updated in place (OBS within the block)
+        Q[:, i1:i2], Err1 = column_loop(W[:, i1:i2], Hinv[i1:i2, i1:i2], scales, zeros, i1, size, cfg.maxq,
+                                        cfg.sym, W[:, i2:i2 + width] if width else None)
         clock.lap("column_loop")
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # deferred update of all later columns
         clock.lap("deferred_gemm")

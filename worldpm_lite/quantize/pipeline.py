@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from worldpm_lite.checkpoint import LAYER_GROUPS, Checkpoint, CheckpointError
+from worldpm_lite.options import QuantConfig
 
-from .gptq import Clock, QuantConfig, QuantizedWeight, gptq, hessian_add, hessian_init, rtn
+from .gptq import Clock, QuantizedWeight, gptq, hessian_add, hessian_init, rtn
 
 
 @dataclass

@@ -37,10 +37,11 @@ from worldpm_lite.checkpoint import (
     write_json_atomic,
 )
 from worldpm_lite.devices import check_device
+from worldpm_lite.errors import InputError, OutputExists, UsageError
+from worldpm_lite.options import QuantizeSettings
 
 from .calibration import builtin_calibration, file_calibration, fingerprint
-from .gptq import QuantConfig
-from .pack import dequantize_packed, pack
+from .gptq_format import dequantize_packed, pack
 from .pipeline import (
     BATCH_TOKENS,
     LayerReader,
@@ -56,36 +57,6 @@ from .pipeline import (
 PROGRESS = "progress.json"
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4}
 LOG = "quantize_log.json"
-
-
-@dataclass(frozen=True)
-class QuantizeSettings:
-    """What `quantize` does; the CLI takes its defaults from here. Defaults suit WorldPM-72B."""
-
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    act_order: bool = False
-    method: str = "gptq"  # or "rtn": round-to-nearest on the same grid, the no-calibration baseline
-    samples: int = 128
-    seq_len: int = 2048
-    calibration: str | None = None  # a JSONL file in any format `score` reads; None: built-in ShareGPT set
-    device: str = "auto"  # GPU 0 when a GPU is visible, else the CPU
-
-    def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits: expected 4 or 8 (what the GPTQ checkpoint format packs), found {self.bits}")
-        self.quant_config()  # validates group_size
-        if self.method not in ("gptq", "rtn"):
-            raise ValueError(f"method: expected 'gptq' or 'rtn', found {self.method!r}")
-        if self.samples < 1 or self.seq_len < 16:
-            raise ValueError(f"samples >= 1 and seq_len >= 16 expected, found {self.samples} and {self.seq_len}")
-
-    def quant_config(self) -> QuantConfig:
-        return QuantConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order)
-
-    def spec(self) -> GPTQSpec:
-        return GPTQSpec(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=self.sym)
 
 
 @dataclass
@@ -155,6 +126,65 @@ def _calibration(settings: QuantizeSettings, src_dir: Path):
     return builtin_calibration(tokenizer, settings.samples, settings.seq_len)
 
 
+def _progress(staging: Path, run_id: str, sources: dict, src_dir: Path, layers: int, log) -> Progress:
+    """The interrupted run's progress in `staging`, checked to be this run's; or a new staging folder."""
+    if not staging.exists():
+        staging.mkdir(parents=True)
+        progress = Progress(run_id, sources=sources)
+        write_json_atomic(staging / PROGRESS, asdict(progress))
+        return progress
+    saved = json.loads((staging / PROGRESS).read_text()) if (staging / PROGRESS).exists() else {}
+    if saved.get("fingerprint") != run_id:
+        changed = changed_sources(src_dir, saved["sources"], sources) if saved.get("sources") else []
+        if changed:
+            raise InputError(f"{staging}: was started from another source checkpoint: {'; '.join(changed)}; "
+                             "delete it or rerun with the original source")
+        raise InputError(f"{staging}: was started with other settings, source or calibration; "
+                         "delete it or rerun with the original ones")
+    progress = Progress(**saved)
+    log(f"resuming after layer {progress.layers_done} of {layers}")
+    return progress
+
+
+def _quantize_layer(src, layer, i: int, hidden, rope, settings: QuantizeSettings, batch_tokens, shard: Path) -> dict:
+    """GPTQ (or RTN) layer i in place, its shard written; its log entry (with the relative change of its
+    output on the first 8 calibration sequences)."""
+    t0 = time.time()
+    before = run_layer(layer, hidden[:8], rope, batch_tokens)
+    quantized, reports = quantize_layer(layer, hidden, rope, settings.quant_config(), prefix=f"model.layers.{i}.",
+                                        rtn_only=settings.method == "rtn", batch_tokens=batch_tokens)
+    after = run_layer(layer, hidden[:8], rope, batch_tokens)
+    rel = (sum(((a - b) ** 2).sum() for a, b in zip(after, before)) / sum((b ** 2).sum() for b in before)).item()
+    _save_atomic(_layer_tensors(src, i, quantized, settings.bits), shard)
+    return {"layer": i, "seconds": round(time.time() - t0, 3), "output_rel_error": rel,
+            "linears": [{"name": r.name, "error": r.gptq_error, "rtn_error": r.rtn_error} for r in reports]}
+
+
+def _write_rest(src, src_dir: Path, staging: Path, settings: QuantizeSettings, total: int) -> int:
+    """The last shard (embeddings, final norm, head), the index, config.json and the tokenizer files;
+    the bytes of every tensor written."""
+    rest = {n: check_finite(src, n, src.tensor(n)) for n in src.names() if not n.startswith("model.layers.")}
+    _save_atomic(rest, staging / shard_name(total - 1, total))
+    weight_map, size = {}, 0
+    for k in range(total):  # from the shard headers: nothing is loaded
+        shard = staging / shard_name(k, total)
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                weight_map[name] = shard.name
+                size += math.prod(sl.get_shape()) * DTYPE_BYTES[sl.get_dtype()]
+    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json_atomic(staging / INDEX_FILE, index)
+    config = {k: v for k, v in src.raw_config.items() if k != "auto_map"}
+    config["quantization_config"] = GPTQSpec(bits=settings.bits, group_size=settings.group_size,
+                                             desc_act=settings.act_order, sym=settings.sym).to_dict()
+    write_json_atomic(staging / "config.json", config)
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, staging / name)
+    return size
+
+
 @torch.no_grad()  # activations must not carry autograd graphs from layer to layer
 def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bool = False, overwrite: bool = False,
                         log=print, layer_bar=None) -> dict:
@@ -167,12 +197,12 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
     if src.quant is not None:
         raise CheckpointError(f"{src_dir}: already quantized ({src.quant.bits}-bit GPTQ); quantize a bf16 checkpoint")
     if out.resolve() == src_dir.resolve():
-        raise ValueError(f"--out {out}: is the source; the source is never modified")
+        raise UsageError(f"--out {out}: is the source; the source is never modified")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+        raise OutputExists(f"{out}: already exists (pass --overwrite to replace it)")
     staging = out.parent / f".{out.name}.partial"
     if staging.exists() and not resume:
-        raise FileExistsError(f"{staging}: an interrupted run is there (pass --resume to continue it, or delete it)")
+        raise OutputExists(f"{staging}: an interrupted run is there (pass --resume to continue it, or delete it)")
 
     calibration = _calibration(settings, src_dir)
     # Every tensor is checked finite as it is read (the layers' as each is loaded). The ones outside
@@ -188,25 +218,9 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
     run_id = fingerprint([[file_sha256(src_dir / "config.json")],
                           [json.dumps(asdict(settings) | {"device": device}, sort_keys=True)],
                           [fingerprint(calibration)], [json.dumps(sources, sort_keys=True)]])
-    progress = Progress(run_id, sources=sources)
-    if staging.exists():
-        saved = json.loads((staging / PROGRESS).read_text()) if (staging / PROGRESS).exists() else {}
-        if saved.get("fingerprint") != run_id:
-            changed = changed_sources(src_dir, saved["sources"], sources) if saved.get("sources") else []
-            if changed:
-                raise ValueError(f"{staging}: was started from another source checkpoint: {'; '.join(changed)}; "
-                                 "delete it or rerun with the original source")
-            raise ValueError(f"{staging}: was started with other settings, source or calibration; "
-                             "delete it or rerun with the original ones")
-        progress = Progress(**saved)
-        log(f"resuming after layer {progress.layers_done} of {src.config.num_hidden_layers}")
-    else:
-        staging.mkdir(parents=True)
-        write_json_atomic(staging / PROGRESS, asdict(progress))
-
     n_layers = src.config.num_hidden_layers
+    progress = _progress(staging, run_id, sources, src_dir, n_layers, log)
     total = n_layers + 1  # one shard per layer, the last one for embeddings, final norm and head
-    cfg = settings.quant_config()
     rope = make_rope(src, device)
     if layer_bar is not None:
         layer_bar.reset(total=n_layers)
@@ -219,17 +233,7 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
             if i < progress.layers_done:
                 _replay_layer(layer, shard, i, settings.bits)
             else:
-                t0 = time.time()
-                before = run_layer(layer, hidden[:8], rope, batch_tokens)
-                quantized, reports = quantize_layer(layer, hidden, rope, cfg, prefix=f"model.layers.{i}.",
-                                                    rtn_only=settings.method == "rtn", batch_tokens=batch_tokens)
-                after = run_layer(layer, hidden[:8], rope, batch_tokens)
-                rel = (sum(((a - b) ** 2).sum() for a, b in zip(after, before)) /
-                       sum((b ** 2).sum() for b in before)).item()
-                _save_atomic(_layer_tensors(src, i, quantized, settings.bits), shard)
-                progress.layers.append({"layer": i, "seconds": round(time.time() - t0, 3), "output_rel_error": rel,
-                                        "linears": [{"name": r.name, "error": r.gptq_error, "rtn_error": r.rtn_error}
-                                                    for r in reports]})
+                progress.layers.append(_quantize_layer(src, layer, i, hidden, rope, settings, batch_tokens, shard))
                 progress.layers_done = i + 1
                 write_json_atomic(staging / PROGRESS, asdict(progress))
             run_layer(layer, hidden, rope, batch_tokens, in_place=True)  # the next layer's inputs
@@ -238,24 +242,7 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
             if layer_bar is not None:
                 layer_bar.update(1)
 
-    rest = {n: check_finite(src, n, src.tensor(n)) for n in src.names() if not n.startswith("model.layers.")}
-    _save_atomic(rest, staging / shard_name(n_layers, total))
-    weight_map, size = {}, 0
-    for k in range(total):  # from the shard headers: nothing is loaded
-        shard = staging / shard_name(k, total)
-        with safe_open(shard, framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                weight_map[name] = shard.name
-                size += math.prod(sl.get_shape()) * DTYPE_BYTES[sl.get_dtype()]
-    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
-    write_json_atomic(staging / INDEX_FILE, index)
-    config = {k: v for k, v in src.raw_config.items() if k != "auto_map"}
-    config["quantization_config"] = settings.spec().to_dict()
-    write_json_atomic(staging / "config.json", config)
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file():
-            shutil.copy2(src_dir / name, staging / name)
+    size = _write_rest(src, src_dir, staging, settings, total)
     src_bytes = sum((src_dir / f).stat().st_size for f in set(src.weight_map.values()))
     summary = {"settings": asdict(settings), "calibration_sequences": len(calibration),
                "calibration_tokens": sum(map(len, calibration)), "seconds": round(time.time() - start, 2),
