@@ -14,7 +14,7 @@ answer is checked against the Scorer's score for its conversation (exactly equal
 32 clients >= 3x the requests/s of one at a time. The Scorer called directly, one request at a time
 and all at once, shows how much batching itself gains on this machine for these requests.
 With --openrlhf each request is one sample, as OpenRLHF's client sends them from every rollout at once,
-at 1 and 256 clients. With --replicas 1,2 the server is `serve --replicas` (worldpm_lite.ray_serve) on a
+at 1 and 256 clients. With --replicas 1,2 the server is `serve --replicas` (worldpm_lite.serve.replicas) on a
 local Ray cluster of this machine's cores, once per replica count, the cores shared evenly (each of N
 replicas reserves cores/N CPUs and runs cores//N torch threads): requests/s at 1 vs 2 replicas. --smoke:
 the same logic with a few seconds of load (one repeat, 1 and 32 clients, 64 requests). Writes

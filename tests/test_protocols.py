@@ -14,7 +14,7 @@ import pytest
 from test_serve import chat, metric_values, running, templated, text
 
 from worldpm_lite.scorer import Scorer
-from worldpm_lite.serve import create_app
+from worldpm_lite.serve.app import create_app
 
 CLASSIFY_KEYS = {"id", "object", "created", "model", "data", "usage"}
 USAGE_KEYS = {"prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details"}

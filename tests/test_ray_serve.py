@@ -1,4 +1,4 @@
-"""`serve --replicas` (worldpm_lite.ray_serve) on the session's local Ray cluster: two CPU replicas of
+"""`serve --replicas` (worldpm_lite.serve.replicas) on the session's local Ray cluster: two CPU replicas of
 the small model behind one address answer exactly what the Scorer gives and both do work, a replica
 killed with requests in flight loses none of them and is restarted, SIGTERM drains every replica.
 
@@ -23,15 +23,15 @@ from helpers import wait_for
 from test_serve import chat, gather, metric_values, text
 
 from worldpm_lite.cli import main
-from worldpm_lite.ray_serve import ServeError, serve_replicated
 from worldpm_lite.scorer import Scorer
-from worldpm_lite.serve import bind
+from worldpm_lite.serve.app import bind
+from worldpm_lite.serve.replicas import ServeError, serve_replicated
 
 # serve_replicated with replicas that wait while the file argv[1] exists (like test_serve's HELD_SERVE:
 # the replica class is swapped before deploying, and Ray ships this subclass to the replicas by value)
 HELD_REPLICAS = r"""
 import os, sys, time
-from worldpm_lite import ray_serve
+from worldpm_lite.serve import replicas as ray_serve
 
 hold = sys.argv[1]
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 import uvicorn
 
-from worldpm_lite.batcher import Batcher
 from worldpm_lite.cli import main
 from worldpm_lite.scorer import NonFiniteScore, Scorer
-from worldpm_lite.serve import bind, create_app
+from worldpm_lite.serve.app import bind, create_app
+from worldpm_lite.serve.batcher import Batcher
 
 WORDS = ("sleep tea walk early screen light dark cool room habit week rest quiet mind body read "
          "morning night coffee noon run water").split()

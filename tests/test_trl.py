@@ -8,7 +8,7 @@ from test_serve import running
 
 from worldpm_lite.data import with_response
 from worldpm_lite.scorer import Scorer
-from worldpm_lite.serve import create_app
+from worldpm_lite.serve.app import create_app
 from worldpm_lite.tiny import cached_tokenizer_dir
 from worldpm_lite.trl import WorldPMReward
 

@@ -1,143 +1,43 @@
-"""`worldpm-lite serve`: the scorer as an HTTP service for RL training loops (FastAPI + uvicorn,
-the optional extra `[serve]`).
+"""`worldpm-lite serve`: the scorer as an HTTP service for RL training loops (FastAPI + uvicorn, the
+optional extra `[serve]`).
 
-  POST /get_reward  OpenRLHF's remote reward model protocol: {"query": [text, ...], "prompts": [...],
-                    "labels": [...]} -> {"rewards": [...], "scores": [...], "extra_logs": {}}. Each query
-                    is the whole conversation as the chat template renders it and is not templated
-                    again; <|endoftext|> padding at either end is dropped and one <|endoftext|> ends it
-                    (chat.encode_text). Queries with the same `prompts` entry share their common
-                    leading tokens' computation; labels are ignored.
-  POST /classify, /v1/classify, /pooling, GET /v1/models
-                    vLLM's pooling API in vLLM's shapes (vllm_api.py): what verl's reward loop sends.
-  POST /v1/score    `score`'s request objects (one, or a list) -> its result objects.
-  GET  /health      loaded, backend, devices, limits.
-  GET  /metrics     Prometheus text: requests, conversations, tokens, batch sizes, latency, queue depth.
+The parts (see ARCHITECTURE.md): routes.py is the route table; ours.py, openrlhf.py and vllm.py each
+turn one protocol's request body into the scorer's groups and its scores back into the protocol's
+answer; http.py reads bodies and shapes errors; batcher.py merges concurrent requests into the
+scorer's batches; this module wires them into one app; replicas.py runs copies of the app on Ray Serve.
 
-With an API key every route but /health and /metrics wants `Authorization: Bearer <key>` (401 otherwise).
-
-Concurrent requests are merged into the scorer's batches (batcher.py). A served score is the number
-`Scorer.score` / `score_texts` gives for the same input (exactly, on the CPU). Bad input gets a 4xx
-JSON error {"error": {"code", "type", "message"}} naming the field (vLLM's error object on vLLM's
-routes); a full queue gets 503 with Retry-After. On SIGTERM or Ctrl-C the server stops accepting
-connections, answers every request it has, then exits.
+A served score is the number `Scorer.score` / `score_texts` gives for the same input (exactly, on the
+CPU). Bad input gets a 4xx JSON error naming the field; a full queue gets 503 with Retry-After. With an
+API key every route but /health and /metrics wants `Authorization: Bearer <key>` (401 otherwise). On
+SIGTERM or Ctrl-C the server stops accepting connections, answers every request it has, then exits.
 """
 
 import asyncio
 import contextlib
 import functools
 import hmac
-import json
 import logging
 import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .batcher import Batcher, Closed, QueueFull
-from .chat import ConversationError
-from .data import parse_request
-from .scorer import ConversationTooLong, DoesNotFit, NonFiniteScore, in_text_order
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
-MAX_ITEMS = 512  # conversations (or queries) per HTTP request
-MAX_BODY = 64 << 20  # bytes
-MAX_QUEUE = 1024  # requests waiting for the model
-MAX_WAIT_MS = 5.0
+from ..options import ServeOptions
+from ..scorer import DoesNotFit, NonFiniteScore
+from . import openrlhf, ours, vllm
+from .batcher import Batcher, Closed, QueueFull
+from .http import HTTPError, error_body, read_body
+from .routes import OPEN, ROUTES, startup_line
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 POWERS = tuple(2.0 ** k for k in range(17))
-VLLM_ROUTES = ("/classify", "/v1/classify", "/pooling", "/v1/models")  # errors in vLLM's shape there
+UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer <key>'"
 log = logging.getLogger("worldpm_lite.serve")
-
-
-class HTTPError(Exception):
-    def __init__(self, code: int, message: str, kind: str = "invalid_request", headers: dict | None = None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.code, self.kind, self.headers, self.param = code, kind, headers, param
-
-
-def _json(body: bytes):
-    try:
-        return json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise HTTPError(400, f"body: not UTF-8 text ({e.reason} at byte {e.start})", "malformed_json") from None
-    except json.JSONDecodeError as e:
-        raise HTTPError(400, f"body: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
-                        "malformed_json") from None
-
-
-def error_body(code: int, kind: str, message: str, param: str | None = None, vllm: bool = False) -> dict:
-    """Our JSON error {"error": {"code", "type", "message"}}, or with vllm (on VLLM_ROUTES) vLLM's
-    error object, whose "code" is the HTTP status to answer with (vLLM has no 422)."""
-    if vllm:
-        from . import vllm_api
-
-        return vllm_api.error_body(code, message, param)
-    return {"error": {"code": code, "type": kind, "message": message}}
-
-
-def _too_many(n: int, what: str, max_items: int) -> HTTPError:
-    return HTTPError(413, f"body: {n} {what}; this server takes at most {max_items} per request (--max-items); "
-                     "split them over several requests", "too_many_items")
-
-
-def prepare_score(scorer, body: bytes, max_items: int):
-    """/v1/score: (groups, finish) where finish(scores per group) is the response's JSON."""
-    data = _json(body)
-    single = isinstance(data, dict)
-    objs = [data] if single else data
-    if not isinstance(objs, list) or not objs:
-        raise HTTPError(422, "body: expected a request object ({\"messages\": ...}, {\"prompt\", \"chosen\", "
-                        "\"rejected\"} or {\"prompt\", \"responses\"}) or a non-empty list of them")
-    requests = []
-    for i, obj in enumerate(objs):
-        where = "request" if single else f"request[{i}]"
-        try:
-            requests.append(parse_request(obj, where))
-        except ConversationError as e:
-            raise HTTPError(422, str(e) if str(e).startswith(where) else f"{where}: {e}") from None
-    n = sum(len(r.conversations) for r in requests)
-    if n > max_items:
-        raise _too_many(n, "conversations", max_items)
-    groups = []
-    for i, r in enumerate(requests):
-        where = "request" if single else f"request[{i}]"
-        try:
-            groups.append(scorer.group(r.conversations, r.prompt, f"{where} conversation"))
-        except (ConversationError, ConversationTooLong) as e:
-            raise HTTPError(422, str(e)) from None
-
-    def finish(scores):
-        results = [r.result(s) for r, s in zip(requests, scores)]
-        return results[0] if single else results
-
-    return groups, finish
-
-
-def prepare_reward(scorer, body: bytes, max_items: int):
-    """/get_reward (OpenRLHF): (groups, finish)."""
-    data = _json(body)
-    if not isinstance(data, dict):
-        raise HTTPError(422, f"body: expected an object {{\"query\": [text, ...]}}, found {type(data).__name__}")
-    queries = data.get("query")
-    if not isinstance(queries, list) or not queries:
-        raise HTTPError(422, "query: expected a non-empty list of strings (each a whole conversation as the chat "
-                        f"template renders it), found {'nothing' if queries is None else type(queries).__name__}")
-    if len(queries) > max_items:
-        raise _too_many(len(queries), "queries", max_items)
-    labels = data.get("labels")
-    if labels is not None and not isinstance(labels, list):  # OpenRLHF sends them; a reward model ignores them
-        raise HTTPError(422, f"labels: expected a list (any JSON values, ignored), found {type(labels).__name__}")
-    try:
-        groups, order = scorer.text_groups(queries, data.get("prompts"))
-    except (ConversationError, ConversationTooLong) as e:
-        raise HTTPError(422, str(e)) from None
-
-    def finish(scores):
-        # OpenRLHF's client reads "rewards", then "scores" (falling back to the rewards), then "extra_logs"
-        rewards = in_text_order(order, scores)
-        return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
-
-    return groups, finish
 
 
 class Metrics:
@@ -170,154 +70,130 @@ class Metrics:
         self.round_requests.observe(requests)
 
 
-def create_app(scorer, model: str = "", max_items: int = MAX_ITEMS, max_queue: int = MAX_QUEUE,
-               max_wait: float = MAX_WAIT_MS / 1000, max_body: int = MAX_BODY, api_key: str | None = None):
-    """api_key: when set, every scoring route (and /v1/models) wants `Authorization: Bearer <api_key>`;
-    /health and /metrics stay open."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from starlette.exceptions import HTTPException
+def error_response(path: str, code: int, kind: str, message: str, headers: dict | None = None,
+                   param: str | None = None) -> JSONResponse:
+    """An error in the shape of the route at `path` (serve/http.py)."""
+    status, body = error_body(code, kind, message, param, path)
+    return JSONResponse(body, status, headers)
 
-    from . import vllm_api
 
-    state: dict = {}
-    metrics = Metrics(lambda: state["batcher"].queued if "batcher" in state else 0)
-    devices = sorted({str(p.device) for p in scorer.model.parameters() if p.device.type != "meta"})
-    backend = scorer.backend
+class Service:
+    """What the routes share: the scorer and its Batcher (started and stopped with the app), the limits,
+    the API key and the metrics."""
+
+    def __init__(self, scorer, model: str, options: ServeOptions):
+        self.scorer, self.model, self.options = scorer, model, options
+        self.batcher: Batcher | None = None
+        self.tokenizing: ThreadPoolExecutor | None = None
+        self.metrics = Metrics(lambda: self.batcher.queued if self.batcher else 0)
+        self.devices = sorted({str(p.device) for p in scorer.model.parameters() if p.device.type != "meta"})
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
-        state["batcher"] = Batcher(scorer, max_wait, max_queue, metrics.on_step)
-        state["prepare"] = ThreadPoolExecutor(1, thread_name_prefix="worldpm-tokenize")  # one tokenizer user
+    async def lifespan(self, app):
+        self.batcher = Batcher(self.scorer, self.options.max_wait, self.options.max_queue, self.metrics.on_step)
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="worldpm-tokenize")  # one tokenizer user
         try:
             yield
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, state["batcher"].close)
-            state["prepare"].shutdown()
+            await asyncio.get_running_loop().run_in_executor(None, self.batcher.close)
+            self.tokenizing.shutdown()
 
-    app = FastAPI(title="worldpm-lite", lifespan=lifespan,
-                  description="WorldPM preference scores over HTTP. POST /get_reward (OpenRLHF), POST /classify "
-                  "and /pooling (vLLM's pooling API, as verl calls it), POST /v1/score.")
-
-    def ours(code: int, kind: str, message: str, headers: dict | None = None, param: str | None = None):
-        return JSONResponse(error_body(code, kind, message), code, headers)
-
-    def vllm(code: int, kind: str, message: str, headers: dict | None = None, param: str | None = None):
-        body = error_body(code, kind, message, param, vllm=True)
-        return JSONResponse(body, body["error"]["code"], headers)
-
-    def authorized(request: Request) -> bool:
-        if api_key is None:
+    def authorized(self, request: Request) -> bool:
+        key = self.options.api_key
+        if key is None or request.url.path in OPEN:
             return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
-    async def answer(endpoint: str, request: Request, prepare, error=ours):
-        t0 = time.perf_counter()
-        metrics.in_flight.inc()
+    async def answer(self, request: Request, prepare) -> Response:
+        """A scoring route's answer: the key checked, the body read and prepared (off the event loop),
+        scored through the Batcher, counted in the metrics."""
+        path, t0 = request.url.path, time.perf_counter()
+        self.metrics.in_flight.inc()
         try:
-            if authorized(request):
-                response = await _respond(request, prepare, error)
+            if self.authorized(request):
+                response = await self.score(request, prepare)
             else:
-                response = error(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                 {"WWW-Authenticate": "Bearer"})
+                response = error_response(path, 401, "unauthorized", UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
         finally:
-            metrics.in_flight.dec()
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            self.metrics.in_flight.dec()
+        self.metrics.requests.labels(path, str(response.status_code)).inc()
+        self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
         return response
 
-    async def _respond(request: Request, prepare, error):
-        batcher = state["batcher"]
+    async def score(self, request: Request, prepare) -> Response:
+        path, batcher = request.url.path, self.batcher
         try:
             with batcher.coming():
-                body = await _read(request, max_body)
+                body = await read_body(request.receive, request.headers.get("content-length"), self.options.max_body)
                 loop = asyncio.get_running_loop()
-                groups, finish = await loop.run_in_executor(state["prepare"], prepare, scorer, body, max_items)
+                groups, finish = await loop.run_in_executor(self.tokenizing, prepare, self.scorer, body,
+                                                            self.options.max_items)
                 future = batcher.submit(groups)
             return JSONResponse(finish(await asyncio.wrap_future(future)))
         except HTTPError as e:
-            return error(e.code, e.kind, str(e), e.headers, e.param)
+            return error_response(path, e.code, e.kind, str(e), e.headers, e.param)
         except QueueFull as e:
-            return error(503, "overloaded", str(e), {"Retry-After": str(e.retry_after)})
+            return error_response(path, 503, "overloaded", str(e), {"Retry-After": str(e.retry_after)})
         except Closed as e:
-            return error(503, "shutting_down", str(e), {"Retry-After": "5"})
+            return error_response(path, 503, "shutting_down", str(e), {"Retry-After": "5"})
         except NonFiniteScore as e:
-            return error(500, "model_error", str(e))
+            return error_response(path, 500, "model_error", str(e))
         except DoesNotFit as e:
-            return error(413, "too_large_for_the_gpu", str(e))
+            return error_response(path, 413, "too_large_for_the_gpu", str(e))
         except Exception as e:  # noqa: BLE001 - the caller gets a JSON 500, the log gets the traceback
-            log.exception("%s failed", request.url.path)
-            return error(500, "internal_error", f"{type(e).__name__}: {e}")
+            log.exception("%s failed", path)
+            return error_response(path, 500, "internal_error", f"{type(e).__name__}: {e}")
 
-    @app.post("/get_reward", summary="OpenRLHF remote reward model: {\"query\": [text, ...]} -> {\"rewards\": [...]}")
-    async def get_reward(request: Request):
-        return await answer("/get_reward", request, prepare_reward)
+    def route(self, path: str):
+        """The handler of one route of the table."""
+        def scoring(prepare_for):
+            async def handler(request: Request):
+                return await self.answer(request, prepare_for(request))
+            return handler
 
-    @app.post("/v1/score", summary="score's request objects (one or a list) -> its result objects")
-    async def score(request: Request):
-        return await answer("/v1/score", request, prepare_score)
+        def vllm_route(pooling: bool):
+            return scoring(lambda request: functools.partial(vllm.prepare, model=self.model, pooling=pooling,
+                                                              request_id=request.headers.get("x-request-id")))
 
-    async def classify(request: Request, endpoint: str, pooling: bool = False):
-        prepare = functools.partial(vllm_api.prepare, model=model, pooling=pooling,
-                                    request_id=request.headers.get("x-request-id"))
-        return await answer(endpoint, request, prepare, vllm)
+        return {"/get_reward": scoring(lambda request: openrlhf.prepare),
+                "/v1/score": scoring(lambda request: ours.prepare),
+                "/classify": vllm_route(False), "/v1/classify": vllm_route(False), "/pooling": vllm_route(True),
+                "/v1/models": self.list_models, "/health": self.health, "/metrics": self.prometheus}[path]
 
-    @app.post("/classify", summary="vLLM's classify API: {\"input\" | \"messages\", \"use_activation\"} -> "
-              "data[i].probs = [value]")
-    async def classify_route(request: Request):
-        return await classify(request, "/classify")
+    async def list_models(self, request: Request):
+        if not self.authorized(request):
+            return error_response(request.url.path, 401, "unauthorized", UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+        return vllm.models(self.model, self.model, self.scorer.max_length)
 
-    @app.post("/v1/classify", summary="the same as /classify")
-    async def classify_v1(request: Request):
-        return await classify(request, "/v1/classify")
+    async def health(self):
+        b, o = self.batcher, self.options
+        return {"status": "ok", "loaded": True, "model": self.model, "backend": self.scorer.backend,
+                "devices": self.devices, "token_budget": self.scorer.token_budget, "max_length": self.scorer.max_length,
+                "max_items": o.max_items, "queue": {"depth": b.queued if b else 0, "max": o.max_queue}}
 
-    @app.post("/pooling", summary="vLLM's pooling API (task classify): data[i].data = [value]")
-    async def pooling_route(request: Request):
-        return await classify(request, "/pooling", pooling=True)
+    async def prometheus(self):
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", summary="vLLM's model list: the one model served")
-    async def list_models(request: Request):
-        if not authorized(request):
-            return vllm(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                        {"WWW-Authenticate": "Bearer"})
-        return vllm_api.models(model, model, scorer.max_length)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException):  # 404, 405: the same error object as the routes'
+    async def http_error(self, request: Request, e: HTTPException):
+        """404, 405: the same error object as the routes' (vLLM's on vLLM's paths)."""
         kinds = {404: "not_found", 405: "method_not_allowed"}
         message = {404: f"no route {request.url.path}; see GET /docs", 405: f"{request.method} is not allowed on "
                    f"{request.url.path}"}.get(e.status_code, str(e.detail))
-        shape = vllm if request.url.path in VLLM_ROUTES else ours
-        return shape(e.status_code, kinds.get(e.status_code, "http_error"), message, getattr(e, "headers", None))
+        return error_response(request.url.path, e.status_code, kinds.get(e.status_code, "http_error"), message,
+                              getattr(e, "headers", None))
 
-    @app.get("/health")
-    async def health():
-        b = state.get("batcher")
-        return {"status": "ok", "loaded": True, "model": model, "backend": backend, "devices": devices,
-                "token_budget": scorer.token_budget, "max_length": scorer.max_length, "max_items": max_items,
-                "queue": {"depth": b.queued if b else 0, "max": max_queue}}
 
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+def create_app(scorer, model: str = "", options: ServeOptions | dict | None = None, **limits):
+    """The app serving `scorer` as `model` (the name its answers give). options: a ServeOptions, a dict
+    of its fields, or those fields as keywords (max_items=8, api_key="...", ...)."""
+    service = Service(scorer, model, ServeOptions.of(options, **limits))
+    app = FastAPI(title="worldpm-lite", lifespan=service.lifespan,
+                  description="WorldPM preference scores over HTTP. Routes: " + startup_line() + ".")
+    for r in ROUTES:
+        app.add_api_route(r.path, service.route(r.path), methods=[r.method], summary=r.summary)
+    app.add_exception_handler(HTTPException, service.http_error)
     return app
-
-
-async def _read(request, limit: int) -> bytes:
-    size = request.headers.get("content-length", "")
-    if size.isdigit() and int(size) > limit:
-        raise HTTPError(413, f"body: {int(size)} bytes; this server takes at most {limit}", "body_too_large")
-    chunks, n = [], 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > limit:
-            raise HTTPError(413, f"body: more than {limit} bytes; this server takes at most {limit}",
-                            "body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from .packing import Group, stages
-from .scorer import DoesNotFit, NonFiniteScore, Step
+from ..packing import Group, stages
+from ..scorer import DoesNotFit, NonFiniteScore, Step
 
 
 class QueueFull(RuntimeError):

@@ -1,18 +1,18 @@
 """`serve --replicas N`: N copies of the scorer behind one HTTP address, on Ray Serve (the `[ray]`
 extra, which includes Ray Serve).
 
-    serve_replicated("WorldPM-72B-gptq4", replicas=4, scorer_args={"device": "auto"},
-                     app_args={"max_queue": 1024}, host="0.0.0.0", port=8000, gpus_per_replica=2)
+    serve_replicated("WorldPM-72B-gptq4", replicas=4, scorer_args=RuntimeOptions(device="auto"),
+                     app_args=ServeOptions(max_queue=1024), host="0.0.0.0", port=8000, gpus_per_replica=2)
 
 Client -> Front (uvicorn in this process, on host:port) -> a Serve handle -> Replica x N (a Serve
-deployment). Each Replica loads one Scorer and runs serve.create_app in its own process, with its own
+deployment). Each Replica loads one Scorer and runs app.create_app in its own process, with its own
 dynamic Batcher: routes, error shapes, limits and the API key are single-process `serve`'s. The Front
-reads a request (at most max_body + 1 bytes of body: the replica answers the 413 itself) and hands it
-to a replica through the handle, whose router takes the less loaded of two random replicas by requests
-in flight (power of two choices). A replica takes 2 x max_queue + 64 requests at once (a round taken
-from a full queue, the full queue, requests being read), so its Batcher merges as many as single-process
-`serve` does, and the router never holds back a request that a full queue would answer with 503 +
-Retry-After.
+reads a request's body with the app's own reader (http.read_body: a body over max_body is answered
+413 there, in the route's error shape) and hands it to a replica through the handle, whose router
+takes the less loaded of two random replicas by requests in flight (power of two choices). A replica
+takes 2 x max_queue + 64 requests at once (a round taken from a full queue, the full queue, requests
+being read), so its Batcher merges as many as single-process `serve` does, and the router never holds
+back a request that a full queue would answer with 503 + Retry-After.
 
 The Front is this process, not Ray Serve's HTTP proxy: one hop less per request; the socket is bound
 as single-process `serve` binds it (port 0, a taken port); and the proxy answers a request whose replica
@@ -39,31 +39,35 @@ import os
 import signal
 from collections.abc import Callable
 
+from ..errors import InputError, require_extra
+from ..options import RuntimeOptions, ServeOptions
+from .http import HTTPError, error_body, read_body
+from .routes import startup_line
+
 REPLICA = "worldpm-replica"
 FAILOVERS = 3  # tries after the first when the replica holding a request dies
 SLACK = 64  # requests a replica takes beyond its Batcher's limits: those being read and tokenized
 DRAIN_S = 3600.0  # how long a replica Serve stops may take for its requests (a 72B queue can take minutes)
 
 
-class ServeError(ValueError):
-    """A clear message for the command line (cli.main prints a ValueError without a traceback)."""
+class ServeError(InputError):
+    """The replicas cannot start as asked: the message says why."""
 
 
 class Replica:
     """One Scorer behind create_app's routes. The Front calls `request` for every HTTP request and
     broadcasts `report` for /metrics and /health."""
 
-    async def __init__(self, model: str, scorer_args: dict, app_args: dict):
+    async def __init__(self, model: str, options: RuntimeOptions, limits: ServeOptions):
         from ray import serve
         from uvicorn.config import Config
         from uvicorn.lifespan.on import LifespanOn
 
-        from .ray import load_scorer
-        from .serve import create_app
+        from ..ray import load_scorer
+        from .app import create_app
 
-        args = dict(scorer_args)
-        self.scorer = load_scorer(model, args.pop("threads", None), args)
-        self.app = create_app(self.scorer, model=model, **app_args)
+        self.scorer = load_scorer(model, options)
+        self.app = create_app(self.scorer, model=model, options=limits)
         self.lifespan = LifespanOn(Config(self.app, lifespan="on", log_config=None))  # starts the Batcher
         await self.lifespan.startup()
         if self.lifespan.should_exit:
@@ -124,16 +128,17 @@ class Front:
         elif scope["method"] == "GET" and scope["path"] == "/health":
             status, headers, body = await self.health()
         else:
-            size = dict(scope["headers"]).get(b"content-length", b"")  # too large: the replica says so unread
-            body = b"" if size.isdigit() and int(size) > self.max_body else await _body(receive, self.max_body + 1)
-            status, headers, body = await self.forward(scope, body)
+            try:
+                body = await read_body(receive, dict(scope["headers"]).get(b"content-length"), self.max_body)
+            except HTTPError as e:  # too large: answered here, unread
+                status, headers, body = json_response(*error_body(e.code, e.kind, str(e), e.param, scope["path"]))
+            else:
+                status, headers, body = await self.forward(scope, body)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def forward(self, scope, body: bytes):
         from ray.exceptions import RayActorError
-
-        from .serve import VLLM_ROUTES, error_body
 
         request = (scope["method"], scope["path"], scope["query_string"], list(scope["headers"]), body)
         for _ in range(FAILOVERS + 1):
@@ -141,9 +146,9 @@ class Front:
                 return await self.replicas.request.remote(*request)
             except RayActorError:  # its replica died holding it: another one scores it
                 self.failovers.inc()
-        error = error_body(503, "replica_died", f"the replica scoring this request died {FAILOVERS + 1} times in "
-                           "a row; retry", vllm=scope["path"] in VLLM_ROUTES)
-        return _json(error["error"]["code"], error, [(b"retry-after", b"5")])
+        status, error = error_body(503, "replica_died", f"the replica scoring this request died {FAILOVERS + 1} "
+                                   "times in a row; retry", path=scope["path"])
+        return json_response(status, error, [(b"retry-after", b"5")])
 
     async def reports(self) -> list[dict]:
         """Every live replica's report, by replica id (one dying meanwhile is left out)."""
@@ -169,11 +174,12 @@ class Front:
     async def health(self):
         reports = await self.reports()
         if not reports:
-            return _json(503, {"status": "starting", "loaded": False, "replicas": []}, [(b"retry-after", b"5")])
+            return json_response(503, {"status": "starting", "loaded": False, "replicas": []}, [(b"retry-after", b"5")])
         queues = [r["health"]["queue"] for r in reports]
-        return _json(200, {**reports[0]["health"], "queue": {k: sum(q[k] for q in queues) for k in ("depth", "max")},
-                           "replicas": [{"replica": r["replica"], "pid": r["pid"], "queue": q}
-                                        for r, q in zip(reports, queues)]})
+        queue = {k: sum(q[k] for q in queues) for k in ("depth", "max")}
+        return json_response(200, {**reports[0]["health"], "queue": queue,
+                                   "replicas": [{"replica": r["replica"], "pid": r["pid"], "queue": q}
+                                                for r, q in zip(reports, queues)]})
 
 
 class _Collected:
@@ -186,51 +192,40 @@ class _Collected:
         return self.families
 
 
-def _json(status: int, obj, headers: list | None = None):
+def json_response(status: int, obj, headers: list | None = None) -> tuple[int, list, bytes]:
+    """(status, ASGI headers, body) of a JSON answer."""
     return status, [(b"content-type", b"application/json"), *(headers or [])], json.dumps(obj).encode()
-
-
-async def _body(receive, limit: int) -> bytes:
-    """The request body, or its first `limit` bytes or so."""
-    chunks, n, more = [], 0, True
-    while more and n < limit:
-        message = await receive()
-        if message["type"] != "http.request":  # the client went away
-            break
-        chunks.append(message.get("body", b""))
-        n += len(chunks[-1])
-        more = message.get("more_body", False)
-    return b"".join(chunks)
 
 
 def _interrupt(*_):
     raise KeyboardInterrupt
 
 
-def serve_replicated(model: str, replicas: int, scorer_args: dict, app_args: dict, host: str, port: int,
-                     gpus_per_replica: float = 0, cpus_per_replica: float = 1, ray_address: str | None = None,
-                     log: Callable[[str], None] = print, ready: Callable[[str], None] | None = None) -> None:
+def serve_replicated(model: str, replicas: int, scorer_args: RuntimeOptions | dict | None,
+                     app_args: ServeOptions | dict | None, host: str, port: int, gpus_per_replica: float = 0,
+                     cpus_per_replica: float = 1, ray_address: str | None = None, log: Callable[[str], None] = print,
+                     ready: Callable[[str], None] | None = None) -> None:
     """Serve `model` from `replicas` Ray Serve replicas on host:port (0: any free port) until SIGTERM or
-    SIGINT, then answer every request in flight and return. scorer_args: Scorer.from_pretrained's
-    keywords, plus "threads" (torch threads per replica); app_args: create_app's (max_items, max_queue,
-    max_wait, max_body, api_key). Uses the Ray of this process when initialized, else joins ray_address
-    ($RAY_ADDRESS), else starts a local cluster for its own lifetime. The URL goes to ready(url) and to
-    log as "serving <model> on <url> ...". A signal while the replicas start raises KeyboardInterrupt."""
+    SIGINT, then answer every request in flight and return. scorer_args: how each replica runs the model
+    (RuntimeOptions, or a dict of its fields; `threads` sets the replica's torch threads); app_args: the
+    service's limits and key (ServeOptions, or a dict of its fields). Uses the Ray of this process when
+    initialized, else joins ray_address ($RAY_ADDRESS), else starts a local cluster for its own lifetime.
+    The URL goes to ready(url) and to log as "serving <model> on <url> ...". A signal while the replicas
+    start raises KeyboardInterrupt."""
     if replicas < 1:
         raise ServeError(f"--replicas: expected at least 1, found {replicas}")
-    try:
-        import ray
-        from ray import serve
-    except ImportError as e:
-        raise ServeError(f"--replicas needs the [ray] extra ({e.name} is not installed): pip install "
-                         "'worldpm-lite[ray]'") from None
-    from .ray import init_ray
-    from .serve import MAX_BODY, MAX_QUEUE, bind, run_server
+    require_extra("ray", "ray", "ray.serve", what="--replicas", error=ServeError)
+    import ray
+    from ray import serve
 
+    from ..ray import init_ray
+    from .app import bind, run_server
+
+    options, limits = RuntimeOptions.of(scorer_args), ServeOptions.of(app_args)
     started_ray = not ray.is_initialized()
     local = started_ray and ray_address is None and not os.environ.get("RAY_ADDRESS")  # a cluster of our own
     if local:  # the replicas read our files: a wrong path fails now, not after Serve retried every replica
-        from .checkpoint import Checkpoint
+        from ..checkpoint import Checkpoint
 
         Checkpoint(model)
     try:
@@ -249,13 +244,12 @@ def serve_replicated(model: str, replicas: int, scorer_args: dict, app_args: dic
         if app in serve.status().applications:
             raise ServeError(f"this Ray cluster's Serve already runs {app}: is another serve --replicas on port "
                              f"{port} of another host?")
-        handle = _deploy(serve, app, str(model), replicas, scorer_args, app_args, gpus_per_replica,
-                         cpus_per_replica, 2 * app_args.get("max_queue", MAX_QUEUE) + SLACK)
-        front = Front(handle, app_args.get("max_body", MAX_BODY))
-        log(f"serving {model} on {url} with {replicas} replicas (Ray Serve): POST /get_reward (OpenRLHF), POST "
-            "/classify, /v1/classify, /pooling, GET /v1/models (vLLM's pooling API), POST /v1/score, GET /health, "
-            f"GET /metrics (series per replica){'; API key required' if app_args.get('api_key') else ''}. "
-            "SIGTERM or Ctrl-C answers the requests in flight, then exits")
+        handle = _deploy(serve, app, str(model), replicas, options, limits, gpus_per_replica, cpus_per_replica,
+                         2 * limits.max_queue + SLACK)
+        front = Front(handle, limits.max_body)
+        log(f"serving {model} on {url} with {replicas} replicas (Ray Serve): {startup_line()} (/metrics: series "
+            f"per replica){'; API key required' if limits.api_key else ''}. SIGTERM or Ctrl-C answers the requests "
+            "in flight, then exits")
         if ready is not None:
             ready(url)
         run_server(front, sock)  # until SIGTERM/SIGINT, then until every request in flight is answered
@@ -283,7 +277,7 @@ def _check_room(resources: dict, replicas: int, cpus: float, gpus: float) -> Non
                              f"machine has {have:g}")
 
 
-def _deploy(serve, app, model, replicas, scorer_args, app_args, gpus, cpus, per_replica):
+def _deploy(serve, app, model, replicas, options, limits, gpus, cpus, per_replica):
     """The replicas as a Serve application (no HTTP proxy: the Front is ours); their handle. A replica
     that cannot start is a ServeError saying why."""
     serve.start(proxy_location="Disabled")
@@ -293,7 +287,7 @@ def _deploy(serve, app, model, replicas, scorer_args, app_args, gpus, cpus, per_
                                   graceful_shutdown_timeout_s=DRAIN_S, graceful_shutdown_wait_loop_s=0.1,
                                   health_check_period_s=1, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus})
     try:
-        return serve.run(deployment.bind(model, scorer_args, app_args), name=app, route_prefix=None)
+        return serve.run(deployment.bind(model, options, limits), name=app, route_prefix=None)
     except RuntimeError as e:  # it names the deployment; the deployment's status ends with the replica's error
         status = serve.status().applications.get(app)
         message = status.deployments[REPLICA].message if status and REPLICA in status.deployments else str(e)

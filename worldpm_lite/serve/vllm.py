@@ -15,7 +15,7 @@ reward with it off (`use_activation: false`, what verl sends); the old `activati
 switches are read when `use_activation` is absent. `truncate_prompt_tokens: N` keeps the last N
 tokens (where the reward is read); -1 means the model's limit. `add_special_tokens`, `user`,
 `priority` and `request_id` are accepted; the checkpoint's template decides special tokens.
-Errors take vLLM's shape: {"error": {"message", "type", "param", "code"}}.
+Errors take vLLM's shape: {"error": {"message", "type", "param", "code"}} (serve/http.py).
 """
 
 from __future__ import annotations
@@ -24,21 +24,12 @@ import math
 import time
 import uuid
 
-from .chat import ConversationError, check_scored_conversation, encode_conversation, encode_ids, encode_text
-from .packing import Group
-from .scorer import ConversationTooLong
-from .serve import HTTPError, _json, _too_many
+from ..chat import ConversationError, check_scored_conversation, encode_conversation, encode_ids, encode_text
+from ..packing import Group
+from ..scorer import ConversationTooLong
+from .http import HTTPError, parse_json, too_many
 
-TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
-         413: "BadRequestError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 ACTIVATION_KEYS = ("use_activation", "activation", "softmax")  # the first one given decides
-
-
-def error_body(code: int, message: str, param: str | None = None) -> dict:
-    """vLLM's error object; a 422 (our 'understood but invalid') is vLLM's 400."""
-    code = 400 if code == 422 else code
-    return {"error": {"message": message, "type": TYPES.get(code, "BadRequestError"), "param": param,
-                      "code": code}}
 
 
 def _bad(message: str, param: str | None = None) -> HTTPError:
@@ -61,7 +52,7 @@ def _inputs(scorer, data: dict, max_items: int) -> list[list[int]]:
             raise _bad(f"input: expected a string, a list of strings, token ids or a list of token-id lists, found "
                        f"{type(items).__name__}", "input")
         if len(items) > max_items:
-            raise _too_many(len(items), "inputs", max_items)
+            raise too_many(len(items), "inputs", max_items)
         return [encode_text(tok, x, f"input[{i}]") if isinstance(x, str) else encode_ids(tok, x, f"input[{i}]")
                 for i, x in enumerate(items)]
     except ConversationError as e:
@@ -71,7 +62,7 @@ def _inputs(scorer, data: dict, max_items: int) -> list[list[int]]:
 def _truncate(scorer, encoded: list[list[int]], n) -> list[list[int]]:
     if n is None:
         try:
-            return [scorer._fit(ids, f"input[{i}]") for i, ids in enumerate(encoded)]
+            return [scorer.fit(ids, f"input[{i}]") for i, ids in enumerate(encoded)]
         except ConversationTooLong as e:
             raise _bad(f"{e}; or send truncate_prompt_tokens", "input") from None
     if isinstance(n, bool) or not isinstance(n, int) or n < -1 or n == 0:
@@ -95,7 +86,7 @@ def activation(data: dict) -> bool:
 
 def prepare(scorer, body: bytes, max_items: int, model: str, pooling: bool, request_id: str | None):
     """/classify and /pooling: (groups, finish)."""
-    data = _json(body)
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise _bad(f"body: expected a JSON object, found {type(data).__name__}")
     if data.get("model") not in (None, "", model):
