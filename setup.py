@@ -11,7 +11,8 @@ setup(
     version="0.1.0",
     description="Run Qwen's WorldPM-72B preference model on the GPUs people have",
     python_requires=">=3.10",
-    packages=["worldpm_lite", "worldpm_lite.kernels", "worldpm_lite.quantize"],
+    packages=["worldpm_lite", "worldpm_lite.cli", "worldpm_lite.kernels", "worldpm_lite.quantize",
+              "worldpm_lite.serve"],
     install_requires=[
         "torch>=2.4",  # install torch==2.13.0 (CPU build on disk) first; see README
         "transformers>=5.0,<6",

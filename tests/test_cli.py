@@ -83,7 +83,7 @@ def test_selfcheck_small_model_prints_scores(small_dir, capsys):
 
 
 def test_published_check_for_72b():
-    from worldpm_lite.cli import PUBLISHED_72B, matches_published
+    from worldpm_lite.reference import PUBLISHED_72B, matches_published
 
     assert matches_published(PUBLISHED_72B, 0.06)[0]
     assert matches_published([0.66, -1.60], 0.06)[0]  # bf16 noise on other hardware

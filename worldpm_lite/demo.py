@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 
-from .cli import README_PAIR
 from .data import parse_request
 from .fidelity import compare
+from .reference import README_LABELS, README_PAIR, published_text
 from .scorer import Scorer
 from .tiny import REJECTION_KINDS, heldout_pairs, tiny_model_dir, tiny_quantized_dir
 
@@ -40,8 +40,8 @@ def run_demo(seed: int = 0, log=print, fidelity_pairs: int | None = None):
 
     heads = "".join(f"{n:>8}" for n in variants)
     readme = {n: s.score(README_PAIR) for n, s in scorers.items()}
-    print(f"WorldPM README pair (WorldPM-72B gives +0.630 vs -1.643)\n  {heads}")
-    for k, label in enumerate(("helpful three-tip answer", "'just try sleeping earlier or take some pills...'")):
+    print(f"WorldPM README pair (WorldPM-72B gives {published_text()})\n  {heads}")
+    for k, label in enumerate(README_LABELS):
         print("  " + "".join(f"{readme[n][k]:+8.3f}" for n in variants) + f"  {label}")
 
     all_pairs = heldout_pairs(path)
