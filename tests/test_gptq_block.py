@@ -152,3 +152,34 @@ def test_bad_arguments():
         gptq_block(W1, Hinv1, scales, zeros, 0, 64, 15, True, spill=torch.randn(8, 16))
     with pytest.raises(ValueError, match="W1"):
         gptq_block(torch.randn(8, 300), torch.eye(300), scales, zeros, 0, 300, 15, True)
+
+
+class ScalarDivisions(torch.overrides.TorchFunctionMode):
+    """Records each division whose divisor is a Python number: CUDA torch computes tensor / number as a
+    multiplication by the reciprocal (the CPU divides), which differs from the kernel's div_rn."""
+
+    DIVISIONS = {torch.Tensor.__truediv__, torch.Tensor.__itruediv__, torch.Tensor.div, torch.Tensor.div_, torch.div,
+                 torch.true_divide}
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.DIVISIONS and len(args) > 1 and isinstance(args[1], (int, float)):
+            self.found.append(args[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_the_torch_loop_divides_as_the_kernel_does_on_cuda_too(sym):
+    """The reference loop (what the CPU runs, what the kernel is checked against) never divides by a
+    Python number, so on CUDA it rounds every quotient as the kernel's div_rn does."""
+    W1, Hinv1 = torch.randn(8, 64), hinv_of(inputs(256, 64, seed=3))
+    scales, zeros = torch.ones(2, 8), torch.zeros(2, 8)
+    with ScalarDivisions() as mode:
+        gptq_block_ref(W1, Hinv1, scales, zeros, 0, 32, 15, sym)
+    assert mode.found == []
+    with ScalarDivisions() as mode:  # the mode sees such a division
+        _ = W1 / 15
+    assert mode.found == [15]

@@ -5,19 +5,25 @@ the reference. Imports only torch and triton.
 
 Per column j of the block, in quantization order (col = col0 + j):
   - when a group starts there (col % group_size == 0): its min/max grid from the updated, not yet
-    quantized weights of its columns (those past the block come in as `spill`), with the min/max
-    grid's rules (`group_grid`): range widened to include 0, symmetric or not, dead rows (lo == hi == 0) ->
-    [-1, 1], scale rounded to fp16; written to scales/zeros[col // group_size];
+    quantized weights of its columns (those past the block come in as `spill`), by `group_grid`'s
+    rules: range widened to include 0, symmetric or not, dead rows (lo == hi == 0) -> [-1, 1], scale
+    rounded to fp16; written to scales/zeros[col // group_size];
   - q = clamp(round(w / scale) + zero, 0, maxq), err = (w - (q - zero) * scale) / Hinv1[j, j];
   - OBS update of the rest of the block: W1[:, j:] -= err * Hinv1[j, j:]; Err1[:, j] = err.
 The deferred update of the later columns, W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:], stays a GEMM
 outside.
 
-Rows are independent: each program keeps a tile of BLOCK_M rows x all block columns in registers
-(fp32) and reads the block's Hinv rows once each. Every step is elementwise or a min/max, so the
-kernel repeats the torch loop's arithmetic operation for operation: divisions are IEEE
-round-to-nearest (`div_rn`, not Triton's approximate `/`), round() is half-to-even, and the
-launch disables mul+add fusion into FMAs. Outputs are then bit-identical to `gptq_block_ref`.
+Rows are independent: each program keeps one tile of BLOCK_M rows x all block columns of W1 in
+registers (fp32; the levels and errors go to memory column by column, so no second and third tile
+has to live beside it: at B = 256 three [32, 256] tiles need 192 registers a thread for them alone)
+and reads the block's Hinv rows once each. Every step is elementwise or a min/max, so the kernel
+repeats the torch loop's arithmetic operation for operation: divisions are IEEE round-to-nearest
+(`div_rn`, not Triton's approximate `/`), round() is half-to-even, and the launch disables mul+add
+fusion into FMAs. On the torch side every division has a tensor on the same device as its divisor:
+CUDA torch computes `tensor / python_number` as a multiplication by the reciprocal, which differs from
+a division in about 60% of fp32 values (the CPU divides either way). Outputs are then bit-identical
+to `gptq_block_ref` on both devices (tested on the CPU in the interpreter; bench/gpu_all.py checks
+it on CUDA).
 
 Arguments (both functions):
   W1      [out, B] fp32, unit column stride (a column slice of W works): the block's weights,
@@ -59,8 +65,7 @@ def _gptq_block_kernel(w_ptr, hinv_ptr, scales_ptr, zeros_ptr, spill_lo_ptr, spi
     tile_mask = in_rows[:, None] & in_cols[None, :]
     w_offs = rows.to(tl.int64)[:, None] * stride_w + c
     w = tl.load(w_ptr + w_offs, mask=tile_mask, other=0.0)  # [BLOCK_M, BLOCK]
-    q_tile = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)  # levels, stored once at the end
-    e_tile = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)  # Err1
+    out_row = rows.to(tl.int64) * B  # Q1 and Err1 rows; column j is stored when it is done
     if HAS_SPILL:
         spill_lo = tl.load(spill_lo_ptr + rows, mask=in_rows, other=0.0)
         spill_hi = tl.load(spill_hi_ptr + rows, mask=in_rows, other=0.0)
@@ -112,14 +117,11 @@ def _gptq_block_kernel(w_ptr, hinv_ptr, scales_ptr, zeros_ptr, spill_lo_ptr, spi
         d = tl.load(d_ptr)
         err = tl.math.div_rn(x - (q - zero) * scale, tl.broadcast_to(d, (BLOCK_M,)))
         w = tl.where(c >= j, w - err[:, None] * h[None, :], w)  # OBS update of the rest of the block
-        q_tile = tl.where(at_j, q[:, None], q_tile)
-        e_tile = tl.where(at_j, err[:, None], e_tile)
+        tl.store(q_ptr + out_row + j, q.to(tl.int32), mask=in_rows)
+        tl.store(err_ptr + out_row + j, err, mask=in_rows)
         h_ptrs += stride_hr
         d_ptr += stride_hr + stride_hc
     tl.store(w_ptr + w_offs, w, mask=tile_mask)
-    out_offs = rows.to(tl.int64)[:, None] * B + c
-    tl.store(q_ptr + out_offs, q_tile.to(tl.int32), mask=tile_mask)
-    tl.store(err_ptr + out_offs, e_tile, mask=tile_mask)
 
 
 def group_grid(w: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +137,7 @@ def group_grid(w: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, tor
         lo = -hi
     dead = (lo == 0) & (hi == 0)
     lo, hi = torch.where(dead, -1.0, lo), torch.where(dead, 1.0, hi)
-    scale = ((hi - lo) / maxq).half().float()
+    scale = ((hi - lo) / torch.full_like(hi, maxq)).half().float()  # a true division on CUDA too
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
     return scale, zero
 
