@@ -15,8 +15,10 @@ where the next one starts); a layer asked for out of that order (after a pass th
 is copied on demand, so the order is a prefetch guess, never a correctness assumption.
 
 The runtime (streams, events, copies) is an object of its own: CUDA on a GPU, plain synchronous
-copies on the CPU (the tests run the real executor there, host tier and compute tier both the
-CPU), and a recording stand-in in the tests that checks both orderings.
+copies on the CPU (the tests run the real executor there, host tier and compute tier both the CPU).
+The CUDA runtime maps each of its calls onto one or two torch.cuda calls, and the tests run it over a
+fake torch.cuda that logs what each stream queues, then replay that log as a GPU would to check both
+orderings.
 """
 
 from __future__ import annotations
@@ -128,27 +130,33 @@ class CpuRuntime:
 
 
 class CudaRuntime:
-    """A side stream for the copies; events on both streams; the host never waits."""
+    """A side stream for the copies; events on both streams; the host never waits. Each call is one or
+    two calls of `cuda` (torch.cuda; a fake in the tests), nothing more, so what the tests replay is
+    what gets queued."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, cuda=None):
+        self.cuda = torch.cuda if cuda is None else cuda
         self.device = device
-        self.stream = torch.cuda.Stream(device)
+        self.stream = self.cuda.Stream(device)
 
     def event(self):
-        return torch.cuda.Event()
+        return self.cuda.Event()
 
     def copy(self, dst, src, after, done) -> None:
-        with torch.cuda.stream(self.stream):
+        """dst <- src on the side stream, after `after` (None: right away), then `done` recorded there."""
+        with self.cuda.stream(self.stream):
             if after is not None:
                 self.stream.wait_event(after)
             dst.copy_(src, non_blocking=True)
             done.record(self.stream)
 
     def wait(self, event) -> None:
-        torch.cuda.current_stream(self.device).wait_event(event)
+        """What the compute stream queues next runs after `event`."""
+        self.cuda.current_stream(self.device).wait_event(event)
 
     def record(self, event) -> None:
-        event.record(torch.cuda.current_stream(self.device))
+        """`event` marks what the compute stream queued so far."""
+        event.record(self.cuda.current_stream(self.device))
 
 
 class LayerStream:
