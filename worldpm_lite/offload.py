@@ -14,6 +14,12 @@ kernels on the compute stream. The copies follow the streamed layers in cyclic o
 where the next one starts); a layer asked for out of that order (after a pass that failed midway)
 is copied on demand, so the order is a prefetch guess, never a correctness assumption.
 
+The ring buffers are allocated on the compute stream and written by the side stream, so each is
+marked as used by the side stream (record_stream): freed, its memory is not reused before the copies
+queued there are done. The prefetch leaves one or two copies in flight after every pass; close()
+waits for them, and runs by itself when the LayerStream is dropped, so dropping a model never frees
+memory a copy still reads or writes.
+
 The runtime (streams, events, copies) is an object of its own: CUDA on a GPU, plain synchronous
 copies on the CPU (the tests run the real executor there, host tier and compute tier both the CPU).
 The CUDA runtime maps each of its calls onto one or two torch.cuda calls, and the tests run it over a
@@ -128,10 +134,16 @@ class CpuRuntime:
     def record(self, event) -> None:
         pass
 
+    def copy_target(self, buf: torch.Tensor) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
 
 class CudaRuntime:
-    """A side stream for the copies; events on both streams; the host never waits. Each call is one or
-    two calls of `cuda` (torch.cuda; a fake in the tests), nothing more, so what the tests replay is
+    """A side stream for the copies; events on both streams; the host never waits but in drain. Each call
+    is one or two calls of `cuda` (torch.cuda; a fake in the tests), nothing more, so what the tests replay is
     what gets queued."""
 
     def __init__(self, device: torch.device, cuda=None):
@@ -158,6 +170,15 @@ class CudaRuntime:
         """`event` marks what the compute stream queued so far."""
         event.record(self.cuda.current_stream(self.device))
 
+    def copy_target(self, buf: torch.Tensor) -> None:
+        """buf (allocated on the compute stream) is written by the side stream: once freed, the caching
+        allocator must not hand its memory out before the side stream's queued work is done."""
+        buf.record_stream(self.stream)
+
+    def drain(self) -> None:
+        """Wait, on the host, for every copy queued so far."""
+        self.stream.synchronize()
+
 
 class LayerStream:
     """The ring: K GPU buffers, K layer modules reading views of them, and the prefetch order."""
@@ -169,6 +190,8 @@ class LayerStream:
         self.runtime = runtime or (CudaRuntime(self.device) if self.device.type == "cuda" else CpuRuntime())
         ring = min(ring, len(self.streamed))  # more slots than streamed layers would hold nothing
         self.buffers = [torch.empty(host.stride, dtype=torch.uint8, device=self.device) for _ in range(ring)]
+        for buf in self.buffers:
+            self.runtime.copy_target(buf)
         self.modules = []
         for buf in self.buffers:
             module = copy.deepcopy(template)
@@ -179,6 +202,8 @@ class LayerStream:
         self.done: list = [None] * ring  # recorded after a slot's layer computed; None: never used yet
         self._done_events = [self.runtime.event() for _ in range(ring)]
         self.next_slot = 0
+        self.closed = False
+        self._drain = weakref.finalize(self, self.runtime.drain)  # holds the runtime, not self: dropping self runs it
         for j in range(ring):  # the first K layers start copying now
             self._fill(j, self.streamed[j])
 
@@ -190,6 +215,8 @@ class LayerStream:
     @contextlib.contextmanager
     def layer(self, i: int):
         """The module of streamed layer i, once its copy is ordered before what the caller queues."""
+        if self.closed:
+            raise RuntimeError(f"streamed layer {i} asked for after close(): expected none (the stream is drained)")
         if i in self.holds:
             slot = self.holds.index(i)
         else:  # out of the prefetch order (a pass that stopped midway): copy it now
@@ -205,6 +232,13 @@ class LayerStream:
             k, m = len(self.buffers), len(self.streamed)
             if m > k:  # refill the slot with the layer K places ahead, in cyclic order
                 self._fill(slot, self.streamed[(self.position[i] + k) % m])
+
+    def close(self) -> None:
+        """Wait for every copy in flight (each pass leaves the next pass's first copies queued), so the
+        host memory they read and the buffers they write may be freed. Idempotent; also runs when the
+        stream is dropped."""
+        self.closed = True
+        self._drain()
 
     def describe(self) -> str:
         size = self.host.nbytes
