@@ -200,12 +200,12 @@ def ordering_violations(log: list, slot_of) -> list[str]:
     return problems
 
 
-def run_ring(streamed, ring, passes, drop=None):
+def run_ring(streamed, ring, passes, drop=None, cuda=None, host=None):
     """A ring over a tiny stand-in layer (one Linear) on CudaRuntime over FakeCuda (`drop`: see
     Dropped), driven pass after pass as the model drives it. Returns the log and the LayerStream."""
-    cuda = FakeCuda()
+    cuda = cuda or FakeCuda()
     template = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    host = HostLayers(template, len(streamed), pinned=False)
+    host = host or HostLayers(template, len(streamed), pinned=False)
     for j in range(len(streamed)):
         host.put(j, "0.weight", torch.full((4, 4), float(j)))
         host.put(j, "0.bias", torch.zeros(4))
