@@ -1,17 +1,20 @@
-"""Streamed layers (offload.py): the executor on the CPU with real copies, its event orderings, the
-plan's arithmetic and refusals, and the out-of-memory retry."""
+"""Streamed layers (offload.py): the executor on the CPU with real copies, its event orderings (the CUDA
+runtime over a fake torch.cuda, replayed as a GPU would run it), the plan's arithmetic and refusals, and
+the out-of-memory retry."""
 
+import contextlib
 import json
 import logging
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from worldpm_lite import packing
 from worldpm_lite.checkpoint import Checkpoint, GPTQSpec
 from worldpm_lite.cli import main
 from worldpm_lite.model import meta_model
-from worldpm_lite.offload import CpuRuntime, LayerStream, layer_layout, spread
+from worldpm_lite.offload import CudaRuntime, HostLayers, LayerStream, layer_layout, spread
 from worldpm_lite.offload_plan import auto_placement, stream_plan, streamed_pass_seconds
 from worldpm_lite.options import Offload
 from worldpm_lite.plan import GIB, WORLDPM_72B, activation_reserve, placement_units
@@ -72,99 +75,174 @@ def test_mlp_chunks_change_no_score_beyond_rounding(checkpoints):
     assert max(abs(x - y) for x, y in zip(a, whole.score(CONVS))) < 1e-5
 
 
-class Recorder(CpuRuntime):
-    """CPU copies, with every queue operation logged in host order: ("copy", queue, slot, layer,
-    waited event, recorded event), ("wait", "compute", event) and ("record", "compute", event)."""
+class FakeStream(torch.Stream):
+    """A CUDA stream stand-in that logs what is queued on it (a torch.Stream, so Tensor.record_stream takes it)."""
 
-    def __init__(self, drop_copy_wait=False):
-        self.log, self.events, self.drop = [], 0, drop_copy_wait
+    def __new__(cls, log, name):
+        return super().__new__(cls, device="cpu")
 
-    def event(self):
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def wait_event(self, event):
+        self.log.append(("wait", self.name, event.id))
+
+    def synchronize(self):
+        self.log.append(("synchronize", self.name))
+
+
+class FakeEvent:
+    def __init__(self, id):
+        self.id = id
+
+    def record(self, stream):
+        stream.log.append(("record", stream.name, self.id))
+
+
+class FakeCuda:
+    """torch.cuda as CudaRuntime uses it, logging in host order what each stream is given: ("wait",
+    stream, event), ("record", stream, event), ("copy", stream, dst data_ptr, non_blocking),
+    ("record_stream", data_ptr, stream), ("synchronize", stream) and ("new stream", device). Copies and
+    record_stream are Tensor methods: they are logged while `queued()` is on."""
+
+    def __init__(self):
+        self.log, self.events, self.devices = [], 0, []
+        self.compute = FakeStream(self.log, "compute")
+        self.current = self.compute
+
+    def Stream(self, device):  # torch.cuda's names
+        self.log.append(("new stream", str(device)))
+        return FakeStream(self.log, "side")
+
+    def Event(self):
         self.events += 1
-        return self.events
+        return FakeEvent(self.events)
 
-    def copy(self, dst, src, after, done):
-        super().copy(dst, src, after, done)
-        self.log.append(("copy", None if self.drop else after, done, dst.data_ptr()))
+    @contextlib.contextmanager
+    def stream(self, stream):
+        before, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = before
+
+    def current_stream(self, device=None):
+        self.devices.append(device)
+        return self.current
+
+    def queued(self):
+        return _Queued(self)
+
+
+class _Queued(TorchFunctionMode):
+    def __init__(self, cuda):
+        super().__init__()
+        self.cuda = cuda
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.record_stream:  # a CPU tensor has no CUDA allocator to tell
+            self.cuda.log.append(("record_stream", args[0].data_ptr(), args[1].name))
+            return None
+        if func is torch.Tensor.copy_:
+            self.cuda.log.append(("copy", self.cuda.current.name, args[0].data_ptr(), kwargs.get("non_blocking")))
+        return func(*args, **kwargs)
+
+
+class Dropped(CudaRuntime):
+    """CudaRuntime without one of the calls that order the ring, as if its line in LayerStream were gone:
+    "compute wait" (layer's runtime.wait(copied)), "done record" (layer's runtime.record(done)) or
+    "copy wait" (the refill's `after`)."""
+
+    def __init__(self, device, cuda, drop=None):
+        super().__init__(device, cuda)
+        self.drop = drop
 
     def wait(self, event):
-        self.log.append(("wait", event))
+        if self.drop != "compute wait":
+            super().wait(event)
 
     def record(self, event):
-        self.log.append(("record", event))
+        if self.drop != "done record":
+            super().record(event)
+
+    def copy(self, dst, src, after, done):
+        super().copy(dst, src, None if self.drop == "copy wait" else after, done)
 
 
-def ordering_violations(log: list, computes: list[tuple[int, int]], slot_of) -> list[str]:
-    """Replays the two queues as a GPU would: the copy queue runs copies in order, each after the last
-    record of the event it waits for; the compute queue runs layers in order, each after the event it
-    waited for. Checks that every layer computes after its copy landed and that no copy overwrites a
-    slot before the layer computing from it is done. Returns what is violated (empty: nothing)."""
-    # happens-before as positions: op -> set of ops known to precede it (transitively)
-    copy_q, compute_q, records, before = [], [], {}, {}
-    for k, op in enumerate(log):
-        if op[0] == "copy":
-            prev = copy_q[-1] if copy_q else None
-            deps = set() if prev is None else before[prev] | {prev}
-            if op[1] is not None and op[1] in records:
-                deps |= before[records[op[1]]] | {records[op[1]]}
-            before[k] = deps
-            copy_q.append(k)
-            records[op[2]] = k
-        else:
-            prev = compute_q[-1] if compute_q else None
-            deps = set() if prev is None else before[prev] | {prev}
-            if op[0] == "wait" and op[1] in records:
-                deps |= before[records[op[1]]] | {records[op[1]]}
-            before[k] = deps
-            compute_q.append(k)
-            if op[0] == "record":
-                records[op[1]] = k
-    problems, last_copy, last_done = [], {}, {}
-    compute_iter = iter(computes)
-    for k, op in enumerate(log):
-        if op[0] == "copy":
-            slot = slot_of(op[3])
-            if slot in last_done and last_done[slot] not in before[k]:
-                problems.append(f"copy at {k} overwrites slot {slot} before its layer finished")
-            last_copy[slot] = k
-        elif op[0] == "wait":
-            layer, slot = next(compute_iter)
-            if last_copy[slot] not in before[k]:
-                problems.append(f"layer {layer} computes before its copy into slot {slot} landed")
-        elif op[0] == "record":
-            last_done[slot] = k
+def ordering_violations(log: list, slot_of) -> list[str]:
+    """Replays what the streams were given (FakeCuda's log, plus ("compute", stream, buffer data_ptr,
+    layer) for each layer's kernels) as a GPU runs it: each stream runs its work in order; a wait orders
+    what its stream runs next after the latest record of the event queued before the wait, and after
+    nothing if the event was never recorded (cudaStreamWaitEvent on such an event is a no-op). Checks that
+    every layer computes after the copy into its slot landed and that no copy overwrites a slot before
+    the layer last computed from it is done. Returns what is violated (empty: nothing)."""
+    last, recorded, before = {}, {}, {}  # stream -> its last op; event -> its latest record; op -> what precedes it
+    problems, copied, computed = [], {}, {}  # slot -> its latest copy; slot -> its latest compute and layer
+    for k, (kind, stream, *rest) in enumerate(log):
+        if kind not in ("wait", "record", "copy", "compute"):
+            continue
+        deps = before[last[stream]] | {last[stream]} if stream in last else set()
+        if kind == "wait" and rest[0] in recorded:
+            deps |= before[recorded[rest[0]]] | {recorded[rest[0]]}
+        before[k], last[stream] = deps, k
+        if kind == "record":
+            recorded[rest[0]] = k
+        elif kind == "copy" and slot_of(rest[0]) is not None:
+            slot = slot_of(rest[0])
+            if slot in computed and computed[slot][0] not in deps:
+                problems.append(f"copy at {k} overwrites slot {slot} before layer {computed[slot][1]} is done")
+            copied[slot] = k
+        elif kind == "compute":
+            slot = slot_of(rest[0])
+            if copied.get(slot) not in deps:
+                problems.append(f"layer {rest[1]} computes at {k} before its copy into slot {slot} landed")
+            computed[slot] = (k, rest[1])
     return problems
 
 
-def run_ring(streamed, ring, passes, recorder):
-    """A ring over a tiny stand-in layer (one Linear), driven pass after pass as the model drives it."""
-    from worldpm_lite.offload import HostLayers
-
+def run_ring(streamed, ring, passes, drop=None, cuda=None, host=None):
+    """A ring over a tiny stand-in layer (one Linear) on CudaRuntime over FakeCuda (`drop`: see
+    Dropped), driven pass after pass as the model drives it. Returns the log and the LayerStream."""
+    cuda = cuda or FakeCuda()
     template = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    host = HostLayers(template, len(streamed), pinned=False)
+    host = host or HostLayers(template, len(streamed), pinned=False)
     for j in range(len(streamed)):
         host.put(j, "0.weight", torch.full((4, 4), float(j)))
         host.put(j, "0.bias", torch.zeros(4))
-    stream = LayerStream(host, template, streamed, ring, torch.device("cpu"), runtime=recorder)
-    slot_of = {buf.data_ptr(): s for s, buf in enumerate(stream.buffers)}.__getitem__
-    computes = []
-    for order in passes:
-        for i in order:
-            with stream.layer(i) as module:
-                slot = stream.modules.index(module)
-                computes.append((i, slot))
-                assert module[0].weight[0, 0].item() == streamed.index(i)  # the right layer's weights
-    return ordering_violations(recorder.log, computes, slot_of)
+    with cuda.queued():
+        runtime = Dropped(torch.device("cpu"), cuda, drop)
+        stream = LayerStream(host, template, streamed, ring, torch.device("cpu"), runtime=runtime)
+        for order in passes:
+            for i in order:
+                with stream.layer(i) as module:
+                    buf = stream.buffers[stream.modules.index(module)]
+                    cuda.log.append(("compute", cuda.current_stream().name, buf.data_ptr(), i))
+                    assert module[0].weight[0, 0].item() == streamed.index(i)  # the right layer's weights
+    return cuda.log, stream
+
+
+def violations(log, stream) -> list[str]:
+    return ordering_violations(log, {buf.data_ptr(): s for s, buf in enumerate(stream.buffers)}.get)
+
+
+STREAMED = (0, 2, 4, 5, 7)
+PASSES = {"in order": [STREAMED] * 3, "out of order": [STREAMED[:2], STREAMED, STREAMED[3:], STREAMED]}
 
 
 def test_events_order_copy_then_compute_then_reuse():
-    streamed = (0, 2, 4, 5, 7)
-    full = [streamed] * 3
     for ring in (1, 2, 3):
-        assert run_ring(streamed, ring, full, Recorder()) == []
-        assert run_ring(streamed, ring, [streamed[:2], streamed, streamed[3:], streamed], Recorder()) == []
-    broken = run_ring(streamed, 2, full, Recorder(drop_copy_wait=True))  # a copy that does not wait for `done`
-    assert broken and all("overwrites slot" in p for p in broken)
+        for passes in PASSES.values():
+            assert violations(*run_ring(STREAMED, ring, passes)) == []
+
+
+@pytest.mark.parametrize("drop, says", [("compute wait", "computes at"), ("done record", "overwrites slot"),
+                                        ("copy wait", "overwrites slot")])
+def test_the_checker_sees_each_ordering_call_left_out(drop, says):
+    for ring in (1, 2, 3):
+        for name, passes in PASSES.items():
+            found = violations(*run_ring(STREAMED, ring, passes, drop))
+            assert found and all(says in p for p in found), (drop, ring, name, found)
 
 
 def test_plan_arithmetic():

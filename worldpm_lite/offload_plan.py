@@ -13,7 +13,7 @@ import torch
 from .checkpoint import GPTQSpec, WorldPMConfig
 from .errors import InputError
 from .model import meta_model
-from .offload import layer_layout, spread
+from .offload import host_bytes, layer_layout, spread
 from .options import BNB, Offload
 from .plan import GIB, activation_reserve, check_visible, gpu_capacity, place, placement_units, setups_that_fit
 
@@ -51,7 +51,9 @@ class StreamPlan:
 
     @property
     def pinned(self) -> int:
-        return len(self.streamed) * self.layer_bytes
+        """The streamed layers' host allocation (offload.HostLayers), pinned where it lies: no second copy,
+        and a layer CUDA cannot pin copies from it pageable, needing nothing more."""
+        return host_bytes(len(self.streamed), self.layer_bytes) if self.streamed else 0
 
     @property
     def host_needed(self) -> int:
@@ -70,7 +72,8 @@ class StreamPlan:
         if self.host_needed > self.host_memory:
             return (f"{what}: streaming {len(self.streamed)} layers needs {self.host_needed / GIB:.2f} GiB of host "
                     f"memory ({self.pinned / GIB:.2f} GiB pinned layers, {self.embed_bytes / GIB:.2f} GiB embeddings, "
-                    f"{HOST_SLACK / GIB:.0f} GiB slack); {self.host_memory / GIB:.2f} GiB available")
+                    f"{HOST_SLACK / GIB:.0f} GiB slack; layers that cannot be pinned stream from where they lie, "
+                    f"needing no more); {self.host_memory / GIB:.2f} GiB available")
         return ""
 
     def describe(self) -> str:
@@ -87,7 +90,8 @@ class StreamPlan:
             f"streamed: {len(self.streamed)} layers ({_spans(self.streamed)}) from pinned host memory: "
             f"{self.pinned / GIB:.2f} GiB pinned, plus the embedding table ({self.embed_bytes / GIB:.2f} GiB) in "
             f"host memory; {self.host_needed / GIB:.2f} GiB of host memory needed with {HOST_SLACK / GIB:.0f} GiB "
-            f"slack, {self.host_memory / GIB:.1f} GiB available",
+            f"slack, {self.host_memory / GIB:.1f} GiB available (a layer that cannot be pinned copies from pageable "
+            "memory, slower but needing no more)",
             f"tokens per pass: {t} (" + {
                 "given": "as given",
                 "hides": f"the smallest of {', '.join(map(str, STREAM_BUDGETS))} whose modelled speed is >= "
