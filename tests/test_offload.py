@@ -3,14 +3,11 @@ runtime over a fake torch.cuda, replayed as a GPU would run it), the plan's arit
 the out-of-memory retry."""
 
 import contextlib
-import json
-import logging
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from worldpm_lite import packing
 from worldpm_lite.checkpoint import Checkpoint, GPTQSpec
 from worldpm_lite.cli import main
 from worldpm_lite.model import meta_model
@@ -18,7 +15,7 @@ from worldpm_lite.offload import CudaRuntime, HostLayers, LayerStream, layer_lay
 from worldpm_lite.offload_plan import auto_placement, stream_plan, streamed_pass_seconds
 from worldpm_lite.options import Offload
 from worldpm_lite.plan import GIB, WORLDPM_72B, activation_reserve, placement_units
-from worldpm_lite.scorer import DoesNotFit, Scorer
+from worldpm_lite.scorer import Scorer
 from worldpm_lite.tiny import tiny_quantized_dir
 
 PROMPT = "How do I keep basil alive on a windowsill?"
@@ -296,56 +293,3 @@ def test_auto_placement_streams_or_refuses_before_reading_weights(checkpoints, m
         auto_placement(ckpt, torch.bfloat16, {0: reserve // 2}, 512, host_memory=64 * GIB)
     resident = auto_placement(ckpt, torch.bfloat16, {0: 64 * GIB}, 512)
     assert resident.offload is None and "all 4 layers resident" in resident.summary
-
-
-@pytest.fixture
-def oom_over(monkeypatch):
-    """packed_layer runs out of memory on any pass longer than `limit[0]` tokens, as a GPU would."""
-    limit, passes = [10**9], []
-    real = packing.packed_layer
-
-    def layer(layer, x, *args, **kwargs):
-        passes.append(x.shape[0])
-        if x.shape[0] > limit[0]:
-            raise torch.OutOfMemoryError(f"injected: {x.shape[0]} tokens")
-        return real(layer, x, *args, **kwargs)
-
-    monkeypatch.setattr(packing, "packed_layer", layer)
-    return limit, passes
-
-
-def test_out_of_memory_splits_the_pass_and_keeps_the_smaller_budget(checkpoints, oom_over, caplog):
-    limit, passes = oom_over
-    path = checkpoints["gptq4"]
-    want = Scorer.from_pretrained(path, device="cpu", token_budget=2048).score(CONVS)
-    scorer = Scorer.from_pretrained(path, device="cpu", token_budget=2048, offload=Offload((0, 2)))
-    limit[0] = 200
-    with caplog.at_level(logging.WARNING, logger="worldpm_lite.scorer"):
-        got = scorer.score(CONVS)
-        ranked = scorer.rank(PROMPT, REPLIES).scores
-    assert got == want  # nothing lost, nothing changed (a conversation's bits do not depend on its batch)
-    assert scorer.token_budget <= 200 and max(passes[-5:]) <= 200
-    assert "out of GPU memory with 2048 tokens per pass" in caplog.text and "with 1024 tokens" in caplog.text
-    limit[0] = 10**9
-    assert ranked == Scorer.from_pretrained(path, device="cpu").rank(PROMPT, REPLIES).scores
-    limit[0] = 20  # shorter than one conversation: that one cannot fit at all
-    with pytest.raises(DoesNotFit, match="request 0: a segment of"):
-        scorer.score(CONVS)
-
-
-def test_score_names_the_line_that_cannot_fit_and_keeps_what_was_done(checkpoints, oom_over, tmp_path, capsys):
-    limit, _ = oom_over
-    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    lines = [{"messages": c} for c in CONVS[:3]] + [{"messages": CONVS[7]}]
-    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    limit[0] = 50  # the short conversations (26-34 tokens) fit one at a time, the last (54) does not
-    args = ["score", "--model", str(checkpoints["gptq4"]), "--input", str(src), "--output", str(out),
-            "--offload", "on", "--token-budget", "256"]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert f"{src}:4: " in err and "ran out of GPU memory alone" in err and "Traceback" not in err
-    assert not out.exists()
-    limit[0] = 10**9
-    assert main([*args, "--resume"]) == 0
-    want = Scorer.from_pretrained(checkpoints["gptq4"], device="cpu").score(CONVS[:3] + [CONVS[7]])
-    assert [json.loads(line)["score"] for line in out.read_text().splitlines()] == want

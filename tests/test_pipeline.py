@@ -139,3 +139,42 @@ def test_batched_calibration_matches_one_sequence_at_a_time():
         low = run_layer(layer, inputs, rope, compute_dtype=torch.bfloat16)  # bench/quantize_arithmetic.py's bf16
         rel = [((a - b).norm() / a.norm()).item() for a, b in zip(alone, low)]
         assert all(1e-4 < r < 3e-2 for r in rel) and all(b.dtype == torch.float32 for b in low), rel
+
+
+class Moves(torch.overrides.TorchFunctionMode):
+    """Records where Tensor.to sends each tensor, and leaves it where it is (there is no GPU here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.targets = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            self.targets.append(torch.device(args[1]))
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def test_activations_stay_on_the_gpu_when_the_allocators_cache_has_room(monkeypatch):
+    """mem_get_info counts PyTorch's cached, unused blocks as taken: with the last layer's activations
+    freed into the cache, activations that fit were sent back to the host between layers."""
+    gpu = torch.device("cuda", 0)
+
+    class Layer(torch.nn.Module):  # a layer that says it is on cuda:0
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(128, 128, device="meta")
+            self.input_layernorm = type("Norm", (), {"weight": type("W", (), {"device": gpu})()})()
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (1 << 20, 80 << 30))  # the driver: 1 MiB free
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 3 << 30)  # the cache holds 3 GiB
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 1 << 30)  # of which 1 GiB is in use
+    hidden = [torch.zeros(1, 1000, 128) for _ in range(4)]  # 2 MB of activations, a 1 MiB layer reserve
+    with Moves() as moves:
+        pipeline.keep_on_device(hidden, Layer())
+    assert moves.targets == [gpu] * 4
+    assert pipeline.free_bytes(gpu) == (1 << 20) + (2 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 1 << 30)  # nothing cached: to the host
+    with Moves() as moves:
+        pipeline.keep_on_device(hidden, Layer())
+    assert moves.targets == [torch.device("cpu")] * 4

@@ -39,7 +39,7 @@ class WorldPM(nn.Module):
         self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
         self.tail_backend = "torch"  # or "triton": the fused kernel (set by load_model)
         self.streamer = None  # offload.LayerStream when some layers stream from host memory (set by load_model)
-        self.mlp_chunk = None  # tokens per MLP call in a packed pass (None: the whole pass at once)
+        self.mlp_chunk = None  # tokens per MLP call in a pass, packed or padded (None: the whole pass at once)
 
     @property
     def input_device(self) -> torch.device:
@@ -78,7 +78,21 @@ class WorldPM(nn.Module):
                 dev = layer.input_layernorm.weight.device
                 if dev not in rope:
                     rope[dev] = (cos.to(dev), sin.to(dev))
-                x = layer(x.to(dev), attention_mask=None, position_ids=pos.to(dev), position_embeddings=rope[dev])
+                x = self._padded_layer(layer, x.to(dev), pos.to(dev), rope[dev])
+        return x
+
+    def _padded_layer(self, layer, x: torch.Tensor, pos: torch.Tensor, rope: tuple) -> torch.Tensor:
+        """layer(x) for right-padded x [B, T, h]; with mlp_chunk set and more tokens than that, the MLP
+        runs on mlp_chunk rows at a time (what the memory reserve of a streamed plan assumes), the same
+        modules and arithmetic as the layer's own forward otherwise."""
+        if self.mlp_chunk is None or x.shape[0] * x.shape[1] <= self.mlp_chunk:
+            return layer(x, attention_mask=None, position_ids=pos, position_embeddings=rope)
+        h, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=None, position_ids=pos,
+                               position_embeddings=rope)
+        x = x + h
+        rows = x.view(-1, x.shape[-1])  # [B * T, h], a view: the sums below land in x
+        for a in range(0, rows.shape[0], self.mlp_chunk):
+            rows[a:a + self.mlp_chunk] += layer.mlp(layer.post_attention_layernorm(rows[a:a + self.mlp_chunk]))
         return x
 
     def rope(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

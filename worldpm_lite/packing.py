@@ -19,7 +19,7 @@ here waits for a GPU until a batch's scores are read).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -82,12 +82,16 @@ class Batch:
             self.scored.append(len(self.ids) - 1)
 
 
-def pack_batches(groups: Iterable[Group], budget: int) -> Iterator[Batch]:
+def pack_batches(groups: Iterable[Group], budget: int | Callable[[], int]) -> Iterator[Batch]:
     """Batches of at most `budget` tokens (a single segment longer than that gets a batch alone), in
-    group order. A group that fits no batch of its own starts a fresh one and spills over."""
+    group order. A group that fits no batch of its own starts a fresh one and spills over. budget: a
+    number, or a function read at each group (the Scorer's budget, which changes after running out of
+    memory)."""
+    read = budget if callable(budget) else (lambda fixed=budget: fixed)
     batch, n = Batch(), -1
     for n, g in enumerate(groups):
-        if batch.ids and len(batch.ids) + g.work > budget:
+        limit = read()
+        if batch.ids and len(batch.ids) + g.work > limit:
             yield batch
             batch = Batch(done=n)
         key = home = None
@@ -95,7 +99,7 @@ def pack_batches(groups: Iterable[Group], budget: int) -> Iterator[Batch]:
             key, home = n, (batch, len(batch.segments))
             batch.add(g.prompt, key=key)
         for j, part in enumerate(g.parts):
-            if batch.ids and len(batch.ids) + len(part) > budget:
+            if batch.ids and len(batch.ids) + len(part) > limit:
                 if home is not None and home[0] is batch:  # the prompt stays behind: later batches read it
                     batch.segments[home[1]] = replace(batch.segments[home[1]], keep=True)
                 yield batch
@@ -109,6 +113,16 @@ def pack_batches(groups: Iterable[Group], budget: int) -> Iterator[Batch]:
         yield batch
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`. A host tensor bound for a GPU goes through pinned memory, so its copy is queued and
+    the host goes on: a copy from pageable memory waits for the GPU's queue (a sync per batch)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 ALONE = 64  # segments at least this long get their own attention call; shorter ones share one per length class
 
 
@@ -120,14 +134,11 @@ class PackedRun:
         self.model, self.batch, self.cache = model, batch, cache
         self.next_layer = 0
         ids = torch.tensor(batch.ids, dtype=torch.long)
-        dev, first = model.input_device, model.compute_device
-        if dev.type == "cuda":  # pinned + non_blocking: the host does not wait for the GPU's queue
-            ids = ids.pin_memory()
-        self.x = model.model.embed_tokens(ids.to(dev, non_blocking=True))  # [L, h]
-        if dev.type == "cpu" and first.type == "cuda":  # the table stays on the host: only [L, h] travels
-            self.x = self.x.pin_memory().to(first, non_blocking=True)
+        self.x = model.model.embed_tokens(to_device(ids, model.input_device))  # [L, h]
+        # the table may stay on the host (streamed layers): then only [L, h] travels
+        self.x = to_device(self.x, model.compute_device)
         pos = torch.cat([torch.arange(s.position, s.position + s.length) for s in batch.segments])
-        pos = pos.to(dev, non_blocking=True)
+        pos = to_device(pos, self.x.device)  # indexes the rope table where x is, not from the host
         self.rope = {self.x.device: tuple(t[pos] for t in model.rope(self.x.device, self.x.dtype))}  # [L, head_dim]
         self.buckets = {torch.device("cpu"): length_buckets(batch.segments)}
         self.masks: dict = {}  # per device: (response length, prompt length) -> additive mask, built once
@@ -143,8 +154,8 @@ class PackedRun:
                 cos, sin = next(iter(self.rope.values()))
                 self.rope[dev] = (cos.to(dev), sin.to(dev))
             if dev not in self.buckets:
-                self.buckets[dev] = [tuple(t.to(dev, non_blocking=True) if isinstance(t, torch.Tensor) else t
-                                           for t in b) for b in self.buckets[torch.device("cpu")]]
+                self.buckets[dev] = [tuple(to_device(t, dev) if isinstance(t, torch.Tensor) else t for t in b)
+                                     for b in self.buckets[torch.device("cpu")]]
             with self.model.layer(i) as layer:
                 self.x = packed_layer(layer, self.x.to(dev), self.rope[dev], self.batch.segments, self.buckets[dev],
                                       self.cache, i, self.masks.setdefault(dev, {}), self.model.mlp_chunk)

@@ -40,6 +40,9 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 PADDED_WINDOW = 64  # the padded path sorts by length within windows of this many token budgets
+# Passes that fit at a reduced token budget (after running out of GPU memory) before the budget doubles
+# back toward the planned one; doubled each time a regrown budget runs out of memory again.
+GROW_AFTER = 16
 
 
 class ConversationTooLong(InputError):
@@ -185,6 +188,7 @@ class Scorer:
             raise InputError(f"max_length: expected 2..{limit} (max_position_embeddings), found {max_length}")
         self.model, self.tokenizer = model, tokenizer
         self.token_budget, self.truncation = token_budget, truncation
+        self.planned_budget, self.grow_after, self._fits, self._regrown = token_budget, GROW_AFTER, 0, False
         self.packing, self.share_prompts, self.pipeline = packing, share_prompts, pipeline
         self.max_length = max_length or limit
         self.pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
@@ -298,8 +302,9 @@ class Scorer:
     def run(self, groups: Iterable[Group]) -> Iterator[Step]:
         """Score groups lazily, in order: one Step per batch, each with the groups it completed.
         A non-finite score raises NonFiniteScore. Out of GPU memory during a pass, the groups not yet
-        finished run again at half the token budget, which is kept (and logged); only a segment that
-        fails alone raises DoesNotFit."""
+        finished run again at half the token budget (logged); after `grow_after` passes that fit it
+        doubles back toward the planned budget (`planned_budget`). Only a segment that fails alone
+        raises DoesNotFit."""
         if not self.packing:
             yield from self._run_padded(groups)
             return
@@ -309,19 +314,32 @@ class Scorer:
                 yield from self._run_packed(source)
                 return
             except torch.OutOfMemoryError:
-                self._shrink(source)
+                first = source.kept[0] if source.kept else None
+                self._out_of_memory(source.first, max(map(len, first.parts + [first.prompt or []])) if first else 1)
 
-    def _shrink(self, source: _Replay) -> None:
+    def _out_of_memory(self, group: int, longest: int) -> None:
+        """Halve the token budget (not below `longest`, the segment that must fit alone; DoesNotFit for
+        request `group` when that is the budget already)."""
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        first = source.kept[0] if source.kept else None
-        longest = max(len(p) for p in (first.parts + [first.prompt or []])) if first else 1
         if self.token_budget <= longest:
-            raise DoesNotFit(source.first, longest, self.token_budget)
+            raise DoesNotFit(group, longest, self.token_budget)
+        if self._regrown:  # a budget that grew back ran out again: wait longer before the next try
+            self.grow_after, self._regrown = 2 * self.grow_after, False
         smaller = max(longest, self.token_budget // 2)
         log.warning("out of GPU memory with %d tokens per pass: running again from request %d with %d tokens per "
-                    "pass, kept for the rest of the run", self.token_budget, source.first, smaller)
-        self.token_budget = smaller
+                    "pass, growing back toward %d after %d passes that fit", self.token_budget, group, smaller,
+                    self.planned_budget, self.grow_after)
+        self.token_budget, self._fits = smaller, 0
+
+    def _pass_fit(self) -> None:
+        """A pass ran: at a reduced budget, the grow_after-th one doubles it back toward the planned one."""
+        if self.token_budget >= self.planned_budget:
+            return
+        self._fits += 1
+        if self._fits >= self.grow_after:
+            self.token_budget, self._fits, self._regrown = min(self.planned_budget, 2 * self.token_budget), 0, True
+            log.info("token budget back to %d tokens per pass (planned: %d)", self.token_budget, self.planned_budget)
 
     def _run_packed(self, source: _Replay) -> Iterator[Step]:
         sizes, pending, first = {}, {}, source.first
@@ -333,8 +351,10 @@ class Scorer:
                 yield g
 
         with torch.inference_mode(), _quiet_bnb():
-            for batch, scores in run_batches(self.model, pack_batches(counted(), self.token_budget), self.pipeline):
+            batches = pack_batches(counted(), lambda: self.token_budget)  # read as each batch starts
+            for batch, scores in run_batches(self.model, batches, self.pipeline):
                 values = scores.tolist()
+                self._pass_fit()
                 owners = [(first + g, j) for g, j in batch.owners]
                 _check_finite(values, owners)
                 for (g, j), v in zip(owners, values):
@@ -355,10 +375,19 @@ class Scorer:
             window.append(parts)
             work += sum(map(len, parts))
             if work >= PADDED_WINDOW * self.token_budget:
-                yield self._padded_window(window, first)
+                yield self._padded_retried(window, first)
                 first, window, work = first + len(window), [], 0
         if window:
-            yield self._padded_window(window, first)
+            yield self._padded_retried(window, first)
+
+    def _padded_retried(self, window: list[list[list[int]]], first: int) -> Step:
+        """_padded_window, run again at a smaller token budget when it runs out of GPU memory."""
+        while True:
+            try:
+                return self._padded_window(window, first)
+            except torch.OutOfMemoryError:
+                longest, g = max((len(ids), g) for g, parts in enumerate(window) for ids in parts)
+                self._out_of_memory(first + g, longest)
 
     @torch.inference_mode()
     def _padded_window(self, window: list[list[list[int]]], first: int) -> Step:
@@ -373,6 +402,7 @@ class Scorer:
             last = torch.tensor([len(encoded[i]) - 1 for i in batch])  # [B] the <|endoftext|> positions
             with _quiet_bnb():
                 out = self.model(ids, last).tolist()
+            self._pass_fit()
             _check_finite(out, [owners[i] for i in batch])
             for i, s in zip(batch, out):
                 scores[i] = s

@@ -131,8 +131,15 @@ def keep_on_device(hidden: list[torch.Tensor], layer) -> list[torch.Tensor]:
     n = max(m.in_features for m in layer.modules() if isinstance(m, torch.nn.Linear))
     reserve = 16 * n * n + sum(p.numel() * p.element_size() for p in layer.parameters())
     moving = sum(x.numel() * x.element_size() for x in hidden if x.device != dev)
-    home = dev if moving + reserve <= torch.cuda.mem_get_info(dev)[0] else torch.device("cpu")
+    home = dev if moving + reserve <= free_bytes(dev) else torch.device("cpu")
     return [x.to(home) for x in hidden]
+
+
+def free_bytes(dev: torch.device) -> int:
+    """What this process can still allocate on GPU `dev`: the driver's free memory plus the blocks
+    PyTorch's caching allocator holds unused (mem_get_info counts those as taken: the last layer's
+    activations, freed, stay cached, and would send activations that fit back to the host)."""
+    return torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
 
 
 @torch.no_grad()
