@@ -161,23 +161,15 @@ def run(model, name: str, budgets: list[int], seq_len: int, vocab: int, device, 
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script runs)")
-    ap.add_argument("--out", help="default: bench/results/offload.json (offload-smoke.json with --smoke)")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        sys.exit("offload bench: no CUDA device; use --smoke to check the script on a CPU")
-    config = SMOKE if args.smoke else WORLDPM_72B
-    budgets, seq_len = ([64, 128, 256], 32) if args.smoke else ([8192, 32768, 65536], 2048)
+def streamed_vs_resident(device, smoke: bool) -> dict:
+    """Parts 1 and 2 of the module docstring: the H2D bandwidths, resident vs streamed (auto plan, and 2
+    resident layers) under the 24 GiB cap, with each target recorded (gpu_check.target / FAILURES)."""
+    config = SMOKE if smoke else WORLDPM_72B
+    budgets, seq_len = ([64, 128, 256], 32) if smoke else ([8192, 32768, 65536], 2048)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
-    print(f"device: {name}, torch {torch.__version__}")
-    start = time.time()
     result = {"device": name, "torch": torch.__version__, "h2d": h2d_bandwidth(device)}
     tflops = matmul_tflops(device)
     result["bf16_matmul_tflops"] = tflops
-
     print(f"2. {config.num_hidden_layers}-layer WorldPM-72B-shaped 4-bit model, every layer in one host allocation")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     meta = meta_model(config, GPTQSpec(4, 128), dtype)
@@ -196,7 +188,7 @@ def main():
           f"{'pinned' if host.data.is_pinned() else 'not pinned'}")
 
     cap = CAP
-    if args.smoke:  # room for the ring and 2 resident layers beside 128 tokens' activations: some layers stream
+    if smoke:  # room for the ring and 2 resident layers beside 128 tokens' activations: some layers stream
         cap = (activation_reserve(config, 128, True, 2, MLP_CHUNK) + placement_units(meta)[0][-1][1]
                + (RING + 2) * host.stride)
     every = list(range(config.num_hidden_layers))
@@ -209,7 +201,7 @@ def main():
         torch.cuda.set_per_process_memory_fraction(min(1.0, CAP / torch.cuda.get_device_properties(0).total_memory))
     try:
         h2d = result["h2d"]["pinned_GB_per_s"] or 24.0
-        auto = stream_plan(meta, cap, host_memory_available(), token_budget=budgets[1] if args.smoke else None,
+        auto = stream_plan(meta, cap, host_memory_available(), token_budget=budgets[1] if smoke else None,
                            h2d_gbps=h2d, tflops=tflops)
         print(f"  the auto plan under {cap / GIB:.2f} GiB ({h2d:.1f} GB/s, {tflops:.0f} TFLOP/s measured):\n    "
               + auto.describe().replace("\n", "\n    "))
@@ -246,7 +238,21 @@ def main():
     for rows in (result.get(k, {}) for k in ("resident", "streamed_auto", "streamed_2_resident")):
         for row in rows.values():
             row.pop("scores", None)
-    finish(result, name, args.out or f"bench/results/offload{'-smoke' * args.smoke}.json", start)
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script runs)")
+    ap.add_argument("--out", help="default: bench/results/offload.json (offload-smoke.json with --smoke)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        sys.exit("offload bench: no CUDA device; use --smoke to check the script on a CPU")
+    start = time.time()
+    result = streamed_vs_resident(device, args.smoke)
+    finish(result, result["device"], args.out or f"bench/results/offload{'-smoke' * args.smoke}.json", start)
+
 
 if __name__ == "__main__":
     main()

@@ -3,8 +3,9 @@
 A random Qwen2 layer (WorldPM-72B's shape; --smoke: a reduced width), synthetic calibration
 activations (sequences of --seq-len tokens), and the pipeline's per-layer work: read the layer
 (bf16 safetensors, page cache dropped), four Hessian passes each stopped at its group's input,
-GPTQ of the seven linears (factorization, the column loop as one Triton launch per 128-column
-block, the deferred GEMMs), then the pass that makes the next layer's inputs. Reported per layer:
+GPTQ of the seven linears as four problems, one per group sharing an input (one factorization, the
+column loop as one Triton launch per 128-column block for the group's stacked rows, the deferred
+GEMMs), then the pass that makes the next layer's inputs. Reported per layer:
 seconds by phase, torch ops + Triton launches counted with the torch profiler (that count does not
 depend on the device; on a GPU an op is at most a few kernel launches, views none), FLOPs by phase
 (formulas in `flops`), peak memory, and PASS/FAIL against issue 23's targets. On a GPU the first
@@ -151,7 +152,8 @@ def flops(config, lengths: list[int], cfg: QuantConfig, passes: str = "after") -
     b = cfg.block_size
     deferred = sum(2 * out * b * max(0, n - i2) for out, n in shapes.values() for i2 in range(b, n + 1, b))
     return {"hessian_passes": sum(upto) + sum(2 * sum(lengths) * n * n for n in widths),
-            "factor": sum(5 * n ** 3 // 3 for _, n in shapes.values()),
+            # "after" factors H once per group (its linears are one problem), "before" once per linear
+            "factor": sum(5 * n ** 3 // 3 for n in (widths if passes == "after" else [n for _, n in shapes.values()])),
             "column_loop": sum(2 * out * n * b for out, n in shapes.values()) // 2,
             "deferred_gemm": deferred, "next_inputs": whole}
 

@@ -9,7 +9,7 @@ import torch
 
 from worldpm_lite.kernels.gptq_block import gptq_block, gptq_block_ref
 from worldpm_lite.options import QuantConfig
-from worldpm_lite.quantize.gptq import gptq, hessian_add, hessian_init, rtn
+from worldpm_lite.quantize.gptq import gptq, gptq_shared, hessian_add, hessian_init, rtn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -183,3 +183,19 @@ def test_the_torch_loop_divides_as_the_kernel_does_on_cuda_too(sym):
     with ScalarDivisions() as mode:  # the mode sees such a division
         _ = W1 / 15
     assert mode.found == [15]
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("act, group, sym", [(False, 32, True), (True, 64, False), (True, -1, True)])
+def test_linears_sharing_an_input_quantize_as_one_problem_exactly_as_alone(kernel, act, group, sym):
+    """q, k and v (rows of three sizes) stacked under their one Hessian: one factorization, one column
+    loop per block, and each linear's levels, scales and zeros exactly what gptq() gives it alone."""
+    x = inputs(256, 128, seed=11)
+    h = hessian_init(128)
+    rows = hessian_add(h, x)
+    g = torch.Generator().manual_seed(12)
+    ws = [torch.randn(out, 128, generator=g).to(DEVICE) for out in (48, 16, 24)]
+    cfg = QuantConfig(bits=4, group_size=group, sym=sym, act_order=act, block_size=48)
+    together = gptq_shared(ws, h.to(DEVICE), rows, cfg, ["q", "k", "v"], kernel=kernel)
+    for w, q in zip(ws, together):
+        check_same(q, gptq(w, h.to(DEVICE), rows, cfg, kernel=kernel))

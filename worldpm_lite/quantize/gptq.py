@@ -101,10 +101,21 @@ def rtn(w: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
 
 def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name: str = "layer",
          kernel: bool | None = None, clock: Clock | None = None) -> QuantizedWeight:
-    """Quantize w [out, in] with the Hessian sum of its inputs (h_sum over `rows` rows).
+    """Quantize w [out, in] with the Hessian sum of its inputs (h_sum over `rows` rows): gptq_shared
+    for one linear."""
+    return gptq_shared([w], h_sum, rows, cfg, [name], kernel, clock)[0]
 
-    Falls back to RTN, with a warning naming the layer, when H is not positive definite even
-    after damping. Works on w's device; w is not modified.
+
+def gptq_shared(ws: list[torch.Tensor], h_sum: torch.Tensor, rows: int, cfg: QuantConfig, names: list[str],
+                kernel: bool | None = None, clock: Clock | None = None) -> list[QuantizedWeight]:
+    """Quantize the weights `ws` ([out_k, in] each) of linears that read the same input (q, k and v;
+    gate and up) as one GPTQ problem under the Hessian sum they share (h_sum over `rows` rows): their
+    rows stacked, one factorization of H and one column loop per block for all of them. GPTQ treats
+    rows independently given H, so each comes out as gptq() alone would give it: the deferred update
+    of later columns is one GEMM per linear, the same products as alone.
+
+    Falls back to RTN, with a warning naming the linears, when H is not positive definite even
+    after damping. Works on the weights' device; they are not modified.
 
     kernel: run each block's column loop as one Triton launch (kernels/gptq_block.py's gptq_block)
     instead of its torch reference gptq_block_ref (~15 torch ops per column), the loop the kernel is
@@ -113,9 +124,12 @@ def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name
     clock: charges the time to "factor" (damping, Cholesky, inverse), "column_loop" and "deferred_gemm".
     """
     clock = clock or Clock()
-    out, n = w.shape
+    n = ws[0].shape[1]
     cfg.groups(n)
-    W = w.float().clone()
+    W = torch.cat([w.float() for w in ws]) if len(ws) > 1 else ws[0].float().clone()
+    out = W.shape[0]
+    ends = torch.tensor([w.shape[0] for w in ws]).cumsum(0).tolist()
+    members = list(zip([0] + ends[:-1], ends))  # each linear's rows of W
     H = h_sum.float() / max(rows, 1)
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, fix them to 0
     H[dead, dead] = 1.0
@@ -133,12 +147,12 @@ def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name
         Hinv = torch.cholesky_inverse(Hinv)
         Hinv = torch.linalg.cholesky(Hinv, upper=True)
     except torch.linalg.LinAlgError:
-        warnings.warn(f"{name}: Hessian not positive definite after damping; using round-to-nearest",
+        warnings.warn(f"{', '.join(names)}: Hessian not positive definite after damping; using round-to-nearest",
                       stacklevel=2)
-        return rtn(w, cfg)
+        return [rtn(w, cfg) for w in ws]
     if torch.isnan(Hinv).any():
-        warnings.warn(f"{name}: Hessian inverse has NaN; using round-to-nearest", stacklevel=2)
-        return rtn(w, cfg)
+        warnings.warn(f"{', '.join(names)}: Hessian inverse has NaN; using round-to-nearest", stacklevel=2)
+        return [rtn(w, cfg) for w in ws]
 
     clock.lap("factor")
     size = n if cfg.group_size == -1 else cfg.group_size
@@ -154,9 +168,14 @@ def gptq(w: torch.Tensor, h_sum: torch.Tensor, rows: int, cfg: QuantConfig, name
         Q[:, i1:i2], Err1 = column_loop(W[:, i1:i2], Hinv[i1:i2, i1:i2], scales, zeros, i1, size, cfg.maxq,
                                         cfg.sym, W[:, i2:i2 + width] if width else None)
         clock.lap("column_loop")
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # deferred update of all later columns
+        for a, b in members:  # deferred update of all later columns
+            W[a:b, i2:] -= Err1[a:b] @ Hinv[i1:i2, i2:]
         clock.lap("deferred_gemm")
     g_idx = _group_of_columns(cfg, n, perm).to(W.device)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return QuantizedWeight(Q, scales, zeros.to(torch.int32), g_idx)
+    zeros = zeros.to(torch.int32)
+    if len(members) == 1:
+        return [QuantizedWeight(Q, scales, zeros, g_idx)]
+    return [QuantizedWeight(Q[a:b].clone(), scales[:, a:b].contiguous(), zeros[:, a:b].contiguous(), g_idx.clone())
+            for a, b in members]  # each its own memory: a checkpoint's tensors may not share any

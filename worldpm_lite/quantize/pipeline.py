@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 from worldpm_lite.checkpoint import LAYER_GROUPS, Checkpoint, CheckpointError
 from worldpm_lite.options import QuantConfig
 
-from .gptq import Clock, QuantizedWeight, gptq, hessian_add, hessian_init, rtn
+from .gptq import Clock, QuantizedWeight, gptq_shared, hessian_add, hessian_init, rtn
 
 
 @dataclass
@@ -29,7 +28,6 @@ class LinearReport:
     name: str
     gptq_error: float  # mean squared output error per element on the calibration inputs
     rtn_error: float  # the same for round-to-nearest on the same grid
-    seconds: float
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h_sum: torch.Tensor, rows: int) -> float:
@@ -160,18 +158,18 @@ def quantize_layer(layer, inputs: list[torch.Tensor], rope: Callable, cfg: Quant
         h_sum, rows = input_hessian(layer, layer.get_submodule(group[0]), inputs, rope, batch_tokens, compute_dtype)
         h_used = h_sum if hessian_transform is None else hessian_transform(h_sum)
         clock.lap("hessian_passes")
-        for name in group:
-            start = time.time()
-            lin = layer.get_submodule(name)
-            w = lin.weight.data
-            base = rtn(w, cfg)
-            q = base if rtn_only else gptq(w, h_used, rows, cfg, name=prefix + name, kernel=kernel, clock=clock)
+        linears = [layer.get_submodule(name) for name in group]
+        ws = [lin.weight.data for lin in linears]
+        bases = [rtn(w, cfg) for w in ws]
+        qs = bases if rtn_only else gptq_shared(ws, h_used, rows, cfg, [prefix + name for name in group],
+                                                kernel=kernel, clock=clock)  # one problem: the linears share H
+        for name, lin, w, q, base in zip(group, linears, ws, qs, bases):
             w_hat = q.dequantize()
             reports.append(LinearReport(prefix + name, output_error(w, w_hat, h_sum, rows),
-                                        output_error(w, base.dequantize(), h_sum, rows), time.time() - start))
+                                        output_error(w, base.dequantize(), h_sum, rows)))
             lin.weight.data = w_hat.to(w.dtype)
             quantized[name] = q
-            clock.lap("reports")
+        clock.lap("reports")
     return quantized, reports
 
 
