@@ -81,6 +81,45 @@ def matmul_tflops(device) -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
 
 
+def random_host_model(config, device):
+    """A random 4-bit model of `config` whose every layer lies in one host allocation (pinned for a GPU):
+    (the meta model, the HostLayers, the embedding table on the host, the head on `device`)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    meta = meta_model(config, GPTQSpec(4, 128), dtype)
+    host = HostLayers(meta.model.layers[0], config.num_hidden_layers, pinned=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(3)
+    for i in range(config.num_hidden_layers):  # made on the device (fast), kept on the host
+        layer = torch.empty(host.stride, dtype=torch.uint8, device=device)
+        for key, t in views(layer, host.layout).items():
+            t.copy_(random_like(f"model.layers.{i}.{key}", t, device, gen))
+        host.layer(i).copy_(layer)
+    embed = (torch.randn(config.vocab_size, config.hidden_size, device=device, generator=gen, dtype=dtype)
+             * 0.02).cpu()
+    head = random_head(config.hidden_size, device, torch.Generator().manual_seed(4))
+    return meta, host, embed, [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in head]
+
+
+def host_syncs(model, seqs: list[list[int]], budget: int, device) -> tuple[int, int]:
+    """(host syncs, batches) of one pass, counted by torch.cuda's sync debug mode; reading each batch's
+    scores is one. (0, batches) on a CPU."""
+    import warnings
+
+    groups = [Group(None, [s]) for s in seqs]
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            batches = 0
+            for _, out in run_batches(model, pack_batches(groups, budget)):
+                out.tolist()  # what the Scorer does with each batch
+                batches += 1
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught), batches
+
+
 class Subset:
     """The streamed layers' slices of a host allocation holding every layer (HostLayers' interface)."""
 
@@ -171,19 +210,7 @@ def streamed_vs_resident(device, smoke: bool) -> dict:
     tflops = matmul_tflops(device)
     result["bf16_matmul_tflops"] = tflops
     print(f"2. {config.num_hidden_layers}-layer WorldPM-72B-shaped 4-bit model, every layer in one host allocation")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    meta = meta_model(config, GPTQSpec(4, 128), dtype)
-    host = HostLayers(meta.model.layers[0], config.num_hidden_layers, pinned=device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(3)
-    for i in range(config.num_hidden_layers):  # made on the device (fast), kept on the host
-        layer = torch.empty(host.stride, dtype=torch.uint8, device=device)
-        for key, t in views(layer, host.layout).items():
-            t.copy_(random_like(f"model.layers.{i}.{key}", t, device, gen))
-        host.layer(i).copy_(layer)
-    embed = (torch.randn(config.vocab_size, config.hidden_size, device=device, generator=gen, dtype=dtype)
-             * 0.02).cpu()
-    head = random_head(config.hidden_size, device, torch.Generator().manual_seed(4))
-    head = [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in head]
+    meta, host, embed, head = random_host_model(config, device)
     print(f"  host allocation {host.nbytes / GIB:.2f} GiB ({host.stride / 2**20:.1f} MiB per layer), "
           f"{'pinned' if host.data.is_pinned() else 'not pinned'}")
 
@@ -214,6 +241,13 @@ def streamed_vs_resident(device, smoke: bool) -> dict:
             model = build(config, host, embed, head, list(p.resident), p.streamed, device)
             result["streamed_auto"] |= run(model, "streamed (auto plan)", [t], seq_len, config.vocab_size, device,
                                            resident, auto.token_budget)
+            if t == auto.token_budget:
+                seqs = [torch.randint(0, config.vocab_size, (seq_len,)).tolist() for _ in range(t // seq_len)] * 3
+                syncs, batches = host_syncs(model, seqs, t, device)
+                result["host_syncs_per_batch"] = syncs / batches
+                print(f"  host syncs: {syncs} in {batches} streamed batches")
+                target("streamed: host syncs per batch (reading the scores is one)", syncs / batches, 1.0, "",
+                       higher_is_better=False)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
