@@ -69,29 +69,29 @@ def test_a_grpo_step_sees_the_scorers_rewards(scorer, conversational, tmp_path, 
     assert trainer.state.log_history[0]["rewards/worldpm/mean"] == pytest.approx(sum(want) / 4, abs=1e-5)
 
 
-def test_remote_rewards_equal_in_process_with_retries(scorer, monkeypatch):
+def test_remote_rewards_equal_in_process_with_retries(scorer):
     prompts = ["a question", [{"role": "user", "content": "another"}], "a question"]
     completions = ["one answer", [{"role": "assistant", "content": "two"}], "three more words"]
     local = WorldPMReward(scorer)(prompts=prompts, completions=completions, trainer_state=None)
     alone = scorer.score([conversation(p, c) for p, c in zip(prompts, completions)])
     assert max(abs(a - b) for a, b in zip(local, alone)) < 1e-5
     with running(create_app(scorer, api_key="k1")) as url:
-        remote = WorldPMReward(url, api_key="k1", max_items=1)  # one conversation per post: several posts
-        real, calls, sleeps = httpx.post, [], []
+        calls, sleeps = [], []
 
-        def flaky(*a, **kw):  # the first try meets a restarting service
-            calls.append(a[0])
-            if len(calls) == 1:
-                raise httpx.ConnectError("connection refused")
-            return real(*a, **kw)
-        monkeypatch.setattr(httpx, "post", flaky)
-        monkeypatch.setattr("worldpm_lite.trl.time.sleep", sleeps.append)
+        class Flaky(httpx.HTTPTransport):  # the first try meets a restarting service
+            def handle_request(self, request):
+                calls.append(request.url)
+                if len(calls) == 1:
+                    raise httpx.ConnectError("connection refused")
+                return super().handle_request(request)
+        remote = WorldPMReward(url, api_key="k1", max_items=1,  # one conversation per post: several posts
+                               transport=Flaky(), sleep=sleeps.append)
         assert remote(prompts=prompts, completions=completions) == local
         assert sleeps == [1.0] and len(calls) == 1 + 2  # one retry, then one post per prompt
         with pytest.raises(ValueError, match="answered 401: missing or wrong API key"):
             WorldPMReward(url, api_key="wrong")(prompts=prompts, completions=completions)
     calls.clear()
-    gone = WorldPMReward(url, retries=3)  # the server is gone: three tries, then a clear error
+    gone = WorldPMReward(url, retries=3, sleep=sleeps.append)  # the server is gone: three tries, then a clear error
     with pytest.raises(RuntimeError, match="no answer after 3 tries"):
         gone(prompts=prompts, completions=completions)
     assert sleeps[1:] == [1.0, 2.0]

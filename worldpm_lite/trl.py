@@ -29,16 +29,20 @@ class WorldPMReward:
     """model_or_url: a checkpoint directory (loaded with Scorer.from_pretrained(**scorer_args)), a
     Scorer, or the URL of a running `worldpm-lite serve`. Remote calls time out after `timeout` seconds
     and are tried `retries` times in all, waiting 1, 2, 4, ... s (or the server's Retry-After) between;
-    each carries at most `max_items` conversations (serve's --max-items is 512)."""
+    each carries at most `max_items` conversations (serve's --max-items is 512). `transport`: the
+    httpx transport to send them through (default: a fresh network connection per call; e.g. an
+    httpx.HTTPTransport(uds=...) or a test's httpx.MockTransport); `sleep`: how to wait between tries
+    (default time.sleep)."""
 
     def __init__(self, model_or_url, *, name: str = NAME, timeout: float = 180.0, retries: int = 5,
-                 api_key: str | None = None, max_items: int = 256, **scorer_args):
+                 api_key: str | None = None, max_items: int = 256, transport=None, sleep=None, **scorer_args):
         from .scorer import Scorer
 
         if retries < 1 or timeout <= 0:
             raise UsageError(f"retries >= 1 and timeout > 0 expected, found {retries} and {timeout}")
         self.__name__ = name
         self.timeout, self.retries, self.api_key, self.max_items = timeout, retries, api_key, max_items
+        self.transport, self.sleep = transport, sleep
         self.scorer = self.url = None
         if isinstance(model_or_url, Scorer):
             self.scorer = model_or_url
@@ -95,10 +99,21 @@ class WorldPMReward:
         import httpx
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        client = httpx.Client(transport=self.transport, headers=headers, timeout=self.timeout)
+        try:
+            return self._tries(client, requests)
+        finally:
+            if self.transport is None:  # a transport passed in is the caller's to close
+                client.close()
+
+    def _tries(self, client, requests: list[dict]) -> list[dict]:
+        import httpx
+
+        sleep = self.sleep or time.sleep
         wait = 1.0
         for attempt in range(1, self.retries + 1):
             try:
-                r = httpx.post(f"{self.url}/v1/score", json=requests, headers=headers, timeout=self.timeout)
+                r = client.post(f"{self.url}/v1/score", json=requests)
             except httpx.TransportError as e:  # refused, reset, timed out: the service may be restarting
                 problem, delay = f"{type(e).__name__}: {e}", wait
             else:
@@ -111,7 +126,7 @@ class WorldPMReward:
                 delay = float(r.headers["Retry-After"]) if r.headers.get("Retry-After", "").isdigit() else wait
             if attempt == self.retries:
                 raise RuntimeError(f"{self.url}/v1/score: no answer after {self.retries} tries; last: {problem}")
-            time.sleep(delay)
+            sleep(delay)
             wait *= 2
         raise AssertionError("unreachable")
 
