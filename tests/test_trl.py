@@ -100,3 +100,22 @@ def test_remote_rewards_equal_in_process_with_retries(scorer):
         WorldPMReward("no/such/dir")
     with pytest.raises(ValueError, match=r"completions\[0\]: expected a string or a list of messages"):
         WorldPMReward(scorer)(prompts=["x"], completions=[42])
+
+
+def test_a_served_non_finite_score_fails_at_once(small_dir):
+    poisoned = Scorer.from_pretrained(small_dir, device="cpu")  # as in test_serve: one token's embedding is inf
+    token = poisoned.tokenizer.encode(" habit", add_special_tokens=False)
+    assert len(token) == 1
+    with torch.no_grad():
+        poisoned.model.model.embed_tokens.weight[token[0]] = float("inf")
+    posts, sleeps = [], []
+
+    class Counting(httpx.HTTPTransport):
+        def handle_request(self, request):
+            posts.append(request)
+            return super().handle_request(request)
+    with running(create_app(poisoned)) as url:
+        reward = WorldPMReward(url, transport=Counting(), sleep=sleeps.append)
+        with pytest.raises(RuntimeError, match=r"/v1/score answered 500: request 0, conversation 0: the score is "):
+            reward(prompts=["tips"], completions=["one habit"])
+    assert len(posts) == 1 and sleeps == []  # the same request would fail the same way: no retry

@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import UsageError
 
 NAME = "worldpm"
-RETRY = (429, 500, 502, 503, 504)  # worth another try; any other 4xx is the request's fault
+RETRY = (429, 502, 503, 504)  # busy, restarting or behind a proxy that lost it: another try may succeed
 
 
 class WorldPMReward:
@@ -120,8 +120,9 @@ class WorldPMReward:
                 if r.status_code == 200:
                     return r.json()
                 message = _error_message(r)
-                if r.status_code not in RETRY:
-                    raise UsageError(f"{self.url}/v1/score answered {r.status_code}: {message}")
+                if r.status_code not in RETRY:  # a 500 (e.g. a non-finite score) or a 4xx: the same next time
+                    error = UsageError if 400 <= r.status_code < 500 else RuntimeError  # the request's fault or not
+                    raise error(f"{self.url}/v1/score answered {r.status_code}: {message}")
                 problem = f"{r.status_code}: {message}"
                 delay = float(r.headers["Retry-After"]) if r.headers.get("Retry-After", "").isdigit() else wait
             if attempt == self.retries:

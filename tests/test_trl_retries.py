@@ -1,0 +1,78 @@
+"""worldpm_lite.trl.WorldPMReward's remote calls: what it retries (429, 502, 503, 504, connection errors,
+timeouts), what it does not (a 500, any other 4xx), Retry-After, and the error after the last try. A fake
+server (httpx.MockTransport) answers; the waits are recorded, never slept."""
+
+import json
+import re
+
+import httpx
+import pytest
+
+from worldpm_lite.errors import UsageError
+from worldpm_lite.serve.http import error_body
+from worldpm_lite.trl import WorldPMReward
+
+URL = "http://scorer:8000"
+PROMPTS, COMPLETIONS = ["q", "q", "r"], ["a", "b", "c"]
+NOT_FINITE = "the score of conversation 0 is not finite (nan)"
+
+
+def answer(status: int, message: str = "", retry_after: str | None = None, kind: str = "overloaded"):
+    """One answer of the fake server: an error as `serve` sends it on /v1/score."""
+    code, body = error_body(status, kind, message or f"an answer {status}", path="/v1/score")
+    return httpx.Response(code, json=body, headers={"Retry-After": retry_after} if retry_after else None)
+
+
+def fake(*answers, **kwargs):
+    """(reward, posts): a WorldPMReward whose server gives `answers` in turn (an httpx.Response, an exception
+    to raise, or "scores": one score per response), the requests it got and the waits between them."""
+    posts, sleeps, queue = [], [], list(answers)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        posts.append(request)
+        a = queue.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        if a == "scores":
+            return httpx.Response(200, json=[{"scores": [0.5 + i for i, _ in enumerate(r["responses"])]}
+                                             for r in json.loads(request.content)])
+        return a
+    reward = WorldPMReward(URL, transport=httpx.MockTransport(handle), sleep=sleeps.append, **kwargs)
+    return reward, posts, sleeps
+
+
+def test_a_500_is_not_retried():
+    reward, posts, sleeps = fake(answer(500, NOT_FINITE, kind="model_error"), "scores")
+    with pytest.raises(RuntimeError, match="^" + re.escape(f"{URL}/v1/score answered 500: {NOT_FINITE}")) as e:
+        reward(prompts=PROMPTS, completions=COMPLETIONS)
+    assert not isinstance(e.value, ValueError)  # the server's fault, not the request's
+    assert len(posts) == 1 and sleeps == []
+
+
+def test_a_500_after_a_503_fails_at_once():
+    reward, posts, sleeps = fake(answer(503, retry_after="2"), answer(500, "boom", kind="internal_error"), "scores")
+    with pytest.raises(RuntimeError, match="answered 500: boom"):
+        reward(prompts=PROMPTS, completions=COMPLETIONS)
+    assert len(posts) == 2 and sleeps == [2.0]
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 413, 422])
+def test_a_4xx_other_than_429_is_not_retried(status):
+    reward, posts, sleeps = fake(answer(status, "messages[0].role: expected user", kind="invalid_request"), "scores")
+    with pytest.raises(UsageError, match=rf"answered {status}: messages\[0\]\.role: expected user"):
+        reward(prompts=PROMPTS, completions=COMPLETIONS)
+    assert len(posts) == 1 and sleeps == []
+
+
+def test_503_then_200_waits_as_retry_after_says():
+    reward, posts, sleeps = fake(answer(503, "the queue is full", retry_after="3"), "scores")
+    assert reward(prompts=PROMPTS, completions=COMPLETIONS) == [0.5, 1.5, 0.5]
+    assert len(posts) == 2 and sleeps == [3.0]
+    assert posts[0].content == posts[1].content  # the same request again
+
+
+def test_connection_errors_and_timeouts_are_retried():
+    reward, posts, sleeps = fake(httpx.ConnectError("connection refused"), httpx.ReadTimeout("timed out"),
+                                 httpx.RemoteProtocolError("server disconnected"), "scores")
+    assert reward(prompts=PROMPTS, completions=COMPLETIONS) == [0.5, 1.5, 0.5]
+    assert len(posts) == 4 and sleeps == [1.0, 2.0, 4.0]
