@@ -71,6 +71,22 @@ def test_503_then_200_waits_as_retry_after_says():
     assert posts[0].content == posts[1].content  # the same request again
 
 
+def test_each_retryable_status_waits_retry_after_or_the_backoff():
+    # Retry-After is honoured on 429 and 503; 502 and 504 (a proxy's answers) wait 1, 2, 4, 8 s
+    reward, posts, sleeps = fake(answer(429, retry_after="7"), answer(502, retry_after="30"), answer(504),
+                                 answer(503, retry_after="0.5"), "scores")
+    assert reward(prompts=PROMPTS, completions=COMPLETIONS) == [0.5, 1.5, 0.5]
+    assert len(posts) == 5 and sleeps == [7.0, 2.0, 4.0, 0.5]
+
+
+@pytest.mark.parametrize("value, wait", [("3600", 60.0), ("-5", 1.0), ("soon", 1.0), ("nan", 1.0),
+                                         ("Wed, 21 Oct 2015 07:28:00 GMT", 1.0)])
+def test_retry_after_is_capped_and_a_value_that_is_no_seconds_is_the_backoff(value, wait):
+    reward, posts, sleeps = fake(answer(503, retry_after=value), "scores")
+    assert reward(prompts=PROMPTS, completions=COMPLETIONS) == [0.5, 1.5, 0.5]
+    assert sleeps == [wait]
+
+
 def test_connection_errors_and_timeouts_are_retried():
     reward, posts, sleeps = fake(httpx.ConnectError("connection refused"), httpx.ReadTimeout("timed out"),
                                  httpx.RemoteProtocolError("server disconnected"), "scores")

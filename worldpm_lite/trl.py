@@ -23,6 +23,8 @@ from .errors import UsageError
 
 NAME = "worldpm"
 RETRY = (429, 502, 503, 504)  # busy, restarting or behind a proxy that lost it: another try may succeed
+RETRY_AFTER = (429, 503)  # the statuses whose Retry-After (seconds) says when to try again
+RETRY_AFTER_CAP = 60.0  # the longest wait a Retry-After gets
 
 
 class WorldPMReward:
@@ -124,7 +126,8 @@ class WorldPMReward:
                     error = UsageError if 400 <= r.status_code < 500 else RuntimeError  # the request's fault or not
                     raise error(f"{self.url}/v1/score answered {r.status_code}: {message}")
                 problem = f"{r.status_code}: {message}"
-                delay = float(r.headers["Retry-After"]) if r.headers.get("Retry-After", "").isdigit() else wait
+                after = _retry_after(r) if r.status_code in RETRY_AFTER else None
+                delay = wait if after is None else after
             if attempt == self.retries:
                 raise RuntimeError(f"{self.url}/v1/score: no answer after {self.retries} tries; last: {problem}")
             sleep(delay)
@@ -141,6 +144,16 @@ def _reply(completion, n: int) -> str:
         return "".join(m.get("content") or "" for m in completion if m.get("role") == "assistant")
     raise UsageError(f"completions[{n}]: expected a string or a list of messages ending with the assistant's, found "
                      f"{type(completion).__name__}")
+
+
+def _retry_after(r) -> float | None:
+    """The seconds r's Retry-After asks to wait, at most RETRY_AFTER_CAP; None when it has none in
+    seconds (an HTTP date is not read: the backoff is used then)."""
+    try:
+        seconds = float(r.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return min(seconds, RETRY_AFTER_CAP) if seconds >= 0 else None  # NaN is not >= 0
 
 
 def _error_message(r) -> str:
