@@ -92,3 +92,29 @@ def test_connection_errors_and_timeouts_are_retried():
                                  httpx.RemoteProtocolError("server disconnected"), "scores")
     assert reward(prompts=PROMPTS, completions=COMPLETIONS) == [0.5, 1.5, 0.5]
     assert len(posts) == 4 and sleeps == [1.0, 2.0, 4.0]
+
+
+def test_after_the_last_try_the_error_names_the_url_the_tries_and_the_last_problem():
+    reward, posts, sleeps = fake(*[answer(503, "the queue is full (9 requests waiting)", retry_after="1")] * 4,
+                                 httpx.ConnectTimeout("timed out"), "scores")
+    with pytest.raises(RuntimeError) as e:
+        reward(prompts=PROMPTS, completions=COMPLETIONS)
+    assert str(e.value) == (f"{URL}/v1/score: gave up after 5 tries (4 s of waits between them); "
+                            "the last: ConnectTimeout: timed out")
+    assert len(posts) == 5 and sleeps == [1.0] * 4
+    reward, posts, sleeps = fake(*[answer(429, "slow down")] * 2, retries=2)
+    with pytest.raises(RuntimeError, match=r"gave up after 2 tries \(1 s of waits between them\); the last: "
+                                           r"429: slow down$"):
+        reward(prompts=PROMPTS, completions=COMPLETIONS)
+
+
+def test_the_backoff_stops_growing_at_a_minute():
+    reward, posts, sleeps = fake(*[httpx.ConnectError("connection refused")] * 9, retries=9)
+    with pytest.raises(RuntimeError, match=r"gave up after 9 tries \(183 s of waits between them\); the last: "
+                                           r"ConnectError: connection refused$"):
+        reward(prompts=PROMPTS, completions=COMPLETIONS)
+    assert sleeps == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    reward, posts, sleeps = fake(answer(503, "shutting down", retry_after="5"), retries=1)
+    with pytest.raises(RuntimeError, match=r"gave up after 1 try; the last: 503: shutting down$"):
+        reward(prompts=PROMPTS, completions=COMPLETIONS)
+    assert len(posts) == 1 and sleeps == []

@@ -17,27 +17,53 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import httpx
 
 NAME = "worldpm"
 RETRY = (429, 502, 503, 504)  # busy, restarting or behind a proxy that lost it: another try may succeed
 RETRY_AFTER = (429, 503)  # the statuses whose Retry-After (seconds) says when to try again
-RETRY_AFTER_CAP = 60.0  # the longest wait a Retry-After gets
+MAX_WAIT = 60.0  # the longest wait between two tries, the backoff's or a Retry-After's
 
 
 class WorldPMReward:
-    """model_or_url: a checkpoint directory (loaded with Scorer.from_pretrained(**scorer_args)), a
-    Scorer, or the URL of a running `worldpm-lite serve`. Remote calls time out after `timeout` seconds
-    and are tried `retries` times in all, waiting 1, 2, 4, ... s (or the server's Retry-After) between;
-    each carries at most `max_items` conversations (serve's --max-items is 512). `transport`: the
-    httpx transport to send them through (default: a fresh network connection per call; e.g. an
-    httpx.HTTPTransport(uds=...) or a test's httpx.MockTransport); `sleep`: how to wait between tries
-    (default time.sleep)."""
+    """A TRL reward function: one float per completion, from WorldPM in process or from a running `serve`.
+
+    model_or_url: a checkpoint directory (loaded with Scorer.from_pretrained(**scorer_args)), a Scorer,
+        or the http(s) URL of a running `worldpm-lite serve`, which is sent POST URL/v1/score.
+    name: the function's __name__, which TRL's logs show (rewards/<name>/mean).
+    api_key: sent as "Authorization: Bearer <api_key>" (serve --api-key).
+    max_items: the most conversations one post carries (serve's --max-items is 512); a call with more
+        makes several posts in turn, each with its own tries.
+    timeout: seconds (180) one try may go without progress: httpx's connect, write and read timeouts,
+        each this long. The read timeout includes the server's queueing and scoring, since its answer
+        comes when the scores are done: a post that takes longer to score times out.
+    retries: how many tries a post gets in all (5). Tried again: a 429, 502, 503 or 504 and a transport
+        error (connection refused or reset, a timeout): the server is busy, restarting or out of reach.
+        Not tried again, as the same request would fail the same way: a 500 (e.g. a non-finite score,
+        model_error) raises a RuntimeError at once, any other 4xx (a bad request, a wrong key) a
+        UsageError (a ValueError), each naming the status and the server's error message.
+    Between tries it waits 1, 2, 4, 8, ... s, or on a 429 or 503 the seconds of the server's Retry-After
+    (an HTTP date is not read), each wait at most MAX_WAIT = 60 s. After the last try a RuntimeError
+    names the URL, the tries, the time waited and the last problem.
+    Worst case, a post fails after about retries x timeout plus the waits: with the defaults 5 x 180 s
+    + (1 + 2 + 4 + 8) s = 915 s, about 15 minutes, or up to 5 x 180 + 4 x 60 = 1140 s when the server
+    asks for long Retry-After waits (a try whose connect is itself slow can take up to one more
+    `timeout`). A server that refuses connections fails the post after 15 s of waits.
+    transport: the httpx transport to send through (default: a new connection pool per post), e.g.
+        httpx.HTTPTransport(uds=...), or a test's httpx.MockTransport; it is the caller's to close.
+    sleep: how to wait between tries (default time.sleep); a test passes a recorder.
+    The in-process path (a Scorer or a directory) has no timeout and no retries."""
 
     def __init__(self, model_or_url, *, name: str = NAME, timeout: float = 180.0, retries: int = 5,
-                 api_key: str | None = None, max_items: int = 256, transport=None, sleep=None, **scorer_args):
+                 api_key: str | None = None, max_items: int = 256, transport: httpx.BaseTransport | None = None,
+                 sleep: Callable[[float], object] | None = None, **scorer_args):
         from .scorer import Scorer
 
         if retries < 1 or timeout <= 0:
@@ -112,7 +138,7 @@ class WorldPMReward:
         import httpx
 
         sleep = self.sleep or time.sleep
-        wait = 1.0
+        wait, waited = 1.0, 0.0
         for attempt in range(1, self.retries + 1):
             try:
                 r = client.post(f"{self.url}/v1/score", json=requests)
@@ -129,9 +155,11 @@ class WorldPMReward:
                 after = _retry_after(r) if r.status_code in RETRY_AFTER else None
                 delay = wait if after is None else after
             if attempt == self.retries:
-                raise RuntimeError(f"{self.url}/v1/score: no answer after {self.retries} tries; last: {problem}")
+                tries = "1 try" if attempt == 1 else f"{attempt} tries ({waited:g} s of waits between them)"
+                raise RuntimeError(f"{self.url}/v1/score: gave up after {tries}; the last: {problem}")
             sleep(delay)
-            wait *= 2
+            waited += delay
+            wait = min(2 * wait, MAX_WAIT)
         raise AssertionError("unreachable")
 
 
@@ -147,13 +175,13 @@ def _reply(completion, n: int) -> str:
 
 
 def _retry_after(r) -> float | None:
-    """The seconds r's Retry-After asks to wait, at most RETRY_AFTER_CAP; None when it has none in
-    seconds (an HTTP date is not read: the backoff is used then)."""
+    """The seconds r's Retry-After asks to wait, at most MAX_WAIT; None when it has none in seconds
+    (an HTTP date is not read: the backoff is used then)."""
     try:
         seconds = float(r.headers.get("Retry-After", ""))
     except ValueError:
         return None
-    return min(seconds, RETRY_AFTER_CAP) if seconds >= 0 else None  # NaN is not >= 0
+    return min(seconds, MAX_WAIT) if seconds >= 0 else None  # NaN is not >= 0
 
 
 def _error_message(r) -> str:
