@@ -131,14 +131,64 @@ def test_vllm_pooling_and_models(url, scorer):
     conv = chat("Tips for better sleep?", "Keep a fixed schedule.")
     raw = scorer.score([conv])[0]
     got = post(url, "/pooling", {"input": [templated(conv)], "use_activation": False, "task": "classify"}).json()
-    assert set(got) == CLASSIFY_KEYS and got["id"].startswith("pool-")
+    assert set(got) == CLASSIFY_KEYS and got["id"].startswith("pooling-")
     assert got["data"] == [{"index": 0, "object": "pooling", "data": [raw]}]
     models = httpx.get(f"{url}/v1/models").json()
     assert models["object"] == "list" and len(models["data"]) == 1
     card = models["data"][0]
-    assert {k: card[k] for k in ("id", "object", "owned_by", "parent", "max_model_len")} == {
-        "id": "worldpm-small", "object": "model", "owned_by": "worldpm-lite", "parent": None, "max_model_len": 96}
+    assert {k: card[k] for k in ("id", "object", "owned_by", "parent", "max_model_len", "root")} == {
+        "id": "worldpm-small", "object": "model", "owned_by": "worldpm-lite", "parent": None, "max_model_len": 96,
+        "root": "worldpm-small"}
     assert card["permission"][0]["object"] == "model_permission"
+
+
+def test_pooling_answers_a_reward_per_token_as_vllm_does_for_this_architecture(url, scorer):
+    """vLLM serves Qwen2ForRewardModel as a token reward model: /pooling's default task is token_classify,
+    one [value] per token (sigmoid unless use_activation is false); clients read the last one, which is
+    /classify's value and the Scorer's score, exactly."""
+    long = "Tips for better sleep? " * 12  # a prompt long enough to run as its own segment (Scorer.single)
+    convs = [chat("Tips for better sleep?", "Keep a fixed schedule."), chat(long, "Dark room.")]
+    raw, ids = scorer.score(convs), scorer.encode(convs)
+    for task in (None, "token_classify"):
+        body = {"input": [templated(c) for c in convs], "use_activation": False} | ({"task": task} if task else {})
+        got = post(url, "/pooling", body).json()
+        assert [d["index"] for d in got["data"]] == [0, 1] and all(d["object"] == "pooling" for d in got["data"])
+        for d, n, want in zip(got["data"], map(len, ids), raw):
+            assert len(d["data"]) == n and all(len(v) == 1 for v in d["data"])  # [[r_0], ..., [r_T]]
+            assert d["data"][-1][0] == want
+        classify = post(url, "/classify", {"input": templated(convs[1]), "use_activation": False}).json()
+        assert got["data"][1]["data"][-1][0] == classify["data"][0]["probs"][0]
+    on = post(url, "/pooling", {"input": templated(convs[0])}).json()  # vLLM's default: the activation on
+    assert on["data"][0]["data"][-1] == [pytest.approx(sigmoid(raw[0]), rel=1e-12)]
+    assert all(0 < v[0] < 1 for v in on["data"][0]["data"])
+    assert post(url, "/pooling", {"input": "x", "task": "encode"}).json()["error"]["message"].startswith(
+        "`encode` task was removed")
+
+
+def test_the_request_id_names_the_answer_header_first(url):
+    body = {"input": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n", "request_id": "r-7"}
+    assert post(url, "/pooling", body).json()["id"] == "pooling-r-7"
+    assert post(url, "/classify", body).json()["id"] == "classify-r-7"
+    assert post(url, "/pooling", body, headers={"X-Request-Id": "h-1"}).json()["id"] == "pooling-h-1"
+    assert post(url, "/pooling", body | {"request_id": 5}).json()["error"]["param"] == "request_id"
+
+
+def test_served_model_names_as_vllms_flag(scorer, tmp_path):
+    """A request may name any served name or the --model argument; answers report the first name and never a
+    path on disk."""
+    path = str(tmp_path / "checkpoints" / "WorldPM-small-gptq4")
+    conv = templated(chat("hi", "hello there"))
+    with running(create_app(scorer, model=path, served_model_names=("worldpm", "reward"))) as u:
+        assert [m["id"] for m in httpx.get(f"{u}/v1/models").json()["data"]] == ["worldpm", "reward"]
+        for name in ("worldpm", "reward", path, None):
+            r = post(u, "/classify", {"input": conv} | ({"model": name} if name else {}))
+            assert r.status_code == 200 and r.json()["model"] == "worldpm"
+        assert post(u, "/classify", {"input": conv, "model": "other"}).status_code == 404
+        assert httpx.get(f"{u}/health").json()["model"] == "worldpm"
+        answers = [httpx.get(f"{u}{p}").text for p in ("/health", "/v1/models", "/metrics")]
+        assert not any(str(tmp_path) in a for a in answers)
+    with running(create_app(scorer, model=path)) as u:  # by default the folder's name, not its path
+        assert httpx.get(f"{u}/v1/models").json()["data"][0]["id"] == "WorldPM-small-gptq4"
 
 
 VLLM_BAD = [
@@ -200,3 +250,33 @@ def test_api_key_guards_every_scoring_route(scorer):
         assert httpx.get(f"{u}/v1/models").status_code == 401
         assert httpx.get(f"{u}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert httpx.get(f"{u}/health").status_code == 200 and httpx.get(f"{u}/metrics").status_code == 200
+
+
+# What vLLM's own request models serialize to, every field with its default (vLLM 0.34.0, read from its wheel:
+# vllm/entrypoints/pooling/base/protocol.py PoolingBasicRequestMixin, CompletionRequestMixin, EncodingRequestMixin,
+# EmbedRequestMixin, ClassifyRequestMixin; pooling/pooling/protocol.py PoolingCompletionRequest; the classify
+# protocol's ClassificationCompletionRequest), and its response models' fields (PoolingResponse,
+# PoolingResponseData, ClassificationResponse, ClassificationData, UsageInfo).
+VLLM_BASIC = {"model": None, "user": None, "truncate_prompt_tokens": None, "padding": None, "truncation_side": None,
+              "request_id": "0123456789abcdef", "priority": 0, "mm_processor_kwargs": None, "cache_salt": None}
+VLLM_POOLING = VLLM_BASIC | {"add_special_tokens": True, "encoding_format": "float", "embed_dtype": "float32",
+                             "endianness": "native", "dimensions": None, "use_activation": None, "task": None}
+VLLM_CLASSIFY = VLLM_BASIC | {"add_special_tokens": True, "use_activation": None}
+RESPONSE_FIELDS = {"id", "object", "created", "model", "data", "usage"}
+POOLING_DATA_FIELDS, CLASSIFY_DATA_FIELDS = {"index", "object", "data"}, {"index", "label", "probs", "num_classes"}
+USAGE_FIELDS = {"prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details"}
+
+
+def test_the_bodies_vllms_protocol_classes_build_get_vllms_answers(url, scorer):
+    conv = chat("Tips for better sleep?", "Keep a fixed schedule.")
+    raw, n = scorer.score([conv])[0], len(scorer.encode([conv])[0])
+    pooled = post(url, "/pooling", VLLM_POOLING | {"model": "worldpm-small", "input": [templated(conv)]}).json()
+    assert set(pooled) == RESPONSE_FIELDS and pooled["object"] == "list" and pooled["id"] == "pooling-0123456789abcdef"
+    assert set(pooled["usage"]) == USAGE_FIELDS and pooled["usage"]["prompt_tokens"] == n
+    (item,) = pooled["data"]
+    assert set(item) == POOLING_DATA_FIELDS and item["object"] == "pooling" and len(item["data"]) == n
+    assert item["data"][-1] == [pytest.approx(sigmoid(raw), rel=1e-12)]  # use_activation None: vLLM's sigmoid
+    classified = post(url, "/classify", VLLM_CLASSIFY | {"input": templated(conv), "use_activation": False}).json()
+    assert set(classified) == RESPONSE_FIELDS and classified["id"] == "classify-0123456789abcdef"
+    (item,) = classified["data"]
+    assert set(item) == CLASSIFY_DATA_FIELDS and item["probs"] == [raw] and item["num_classes"] == 1

@@ -300,8 +300,10 @@ def test_sigterm_answers_requests_in_flight_then_exits(small_dir, scorer, tmp_pa
 
         def post(i):
             try:
-                r = httpx.post(f"{u}/v1/score", json=[{"messages": c} for c in convs], timeout=300,
-                               headers={"Authorization": f"Bearer {key}"})
+                # half with the key in a header, half in the path (OpenRLHF's way: it sends no headers)
+                where = f"{u}/k/{key}/v1/score" if i % 2 else f"{u}/v1/score"
+                r = httpx.post(where, json=[{"messages": c} for c in convs], timeout=300,
+                               headers={} if i % 2 else {"Authorization": f"Bearer {key}"})
                 outcome[i] = ("answer", r, time.monotonic())
             except Exception as e:  # noqa: BLE001 - recorded and asserted on below, never lost in a thread
                 outcome[i] = ("error", e)
@@ -339,7 +341,7 @@ def test_sigterm_answers_requests_in_flight_then_exits(small_dir, scorer, tmp_pa
         log = "".join(logged)
         assert "stopped after answering every request in flight" in log and "API key required" in log
         log += (tmp_path / "stdout").read_text()  # uvicorn's access log
-        assert key not in log and '"POST /v1/score HTTP/1.1" 200' in log
+        assert key not in log and log.count('"POST /v1/score HTTP/1.1" 200') == clients  # the path's key left out
     finally:
         proc.kill()
         proc.wait()
@@ -350,9 +352,16 @@ def test_score_texts_reads_templated_text_as_the_template_makes_it(scorer):
     padded = "<|endoftext|>" * 3 + templated(conv) + "<|endoftext|>" * 2  # a left- and right-padded policy batch
     assert scorer.encode_texts([templated(conv), padded]) == scorer.encode([conv]) * 2
     assert scorer.score_texts([padded]) == scorer.score([conv])
-    convs = [chat("Tips for better sleep?", r) for r in ("Keep a schedule.", "idk", "Dark room.")]
-    groups, order = scorer.text_groups([templated(c) for c in convs], ["p", "q", "p"])
+    # a prompt of at least SHARE_MIN tokens runs once for the texts that start with it, whoever they came with
+    long = "Tips for better sleep? " * 12
+    convs = [chat(long, "Keep a schedule."), chat("short", "idk"), chat(long, "Dark room.")]
+    texts = [templated(c) for c in convs]
+    prompt = templated(convs[0][:1]) + "<|im_start|>assistant\n"  # the prompt as a policy was given it
+    groups, order = scorer.text_groups(texts, [prompt, "q", prompt])
     assert order == [0, 2, 1] and groups[0].prompt is not None and groups[1].prompt is None
+    assert len(groups[0].parts) == 2 and len(groups[0].prompt) >= 64
+    alone = [scorer.score_texts([t]) for t in texts]  # each alone: the same bits as shared
+    assert scorer.score_texts(texts, [prompt, "q", prompt]) == [a[0] for a in alone] == scorer.score(convs)
 
 
 def test_keep_alive_responses_are_not_held_by_nagle(scorer):

@@ -32,6 +32,7 @@ from tokenizers.models import BPE
 from .errors import InputError, NotFound
 
 ENDOFTEXT = "<|endoftext|>"
+ASSISTANT_HEADER = "<|im_start|>assistant\n"  # where ChatML's last assistant reply starts (Scorer.single cuts there)
 # What a checkpoint's tokenizer is made of (and what `quantize` copies beside its output).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")

@@ -175,30 +175,48 @@ class RuntimeOptions:
         _count("threads", self.threads, 1, optional=True)
 
 
+# Host memory a queued token holds with its share of its request (the id as a Python int in a list, the
+# parsed groups, the connection): bench/serve_load.py --openrlhf 8192 measured 155 B a token in flight.
+QUEUE_BYTES_PER_TOKEN = 256
+QUEUE_MEMORY_SHARE = 0.25  # of the host memory available at start, the default budget of the queue
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """The HTTP service's limits (serve.app.create_app; `serve`'s flags).
 
-    max_items  conversations or queries per request; max_queue: requests waiting for the model before
-    new ones get 503 + Retry-After; max_wait: seconds a batch below the token budget waits for requests
-    on their way; max_body: bytes of the largest request body; api_key: required on every route but
+    max_items: conversations or queries per request. max_queue_tokens: tokens the queue may hold
+    (requests read and tokenized, waiting for the model) before new ones get 503 + Retry-After; None:
+    a quarter of the host memory available at start, at QUEUE_BYTES_PER_TOKEN a token. max_queue:
+    requests it may hold, a backstop behind the token bound. max_wait: seconds a batch below the token
+    budget waits for requests on their way. max_body: bytes of the largest request body.
+    served_model_names: the names a request's `model` may give and answers report (the first), as
+    vLLM's --served-model-name; empty: the model folder's name. api_key: required on every route but
     /health and /metrics (never shown: not in the repr)."""
 
     max_items: int = 512
-    max_queue: int = 1024
+    max_queue_tokens: int | None = None
+    max_queue: int = 65536
     max_wait: float = 0.005
     max_body: int = 64 << 20
+    served_model_names: tuple[str, ...] = ()
     api_key: str | None = field(default=None, repr=False)
 
     of = classmethod(of)
 
     def __post_init__(self):
         _count("max_items", self.max_items, 1)
+        _count("max_queue_tokens", self.max_queue_tokens, 1, optional=True)
         _count("max_queue", self.max_queue, 1)
         _number("max_wait", self.max_wait, 0)
         _count("max_body", self.max_body, 1)
+        _set(self, "served_model_names", tuple(self.served_model_names))
+        if not all(isinstance(n, str) and n for n in self.served_model_names):
+            raise _fail("served_model_names", "non-empty names", self.served_model_names)
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise UsageError("api_key: expected a non-empty string or None")
+        if self.api_key is not None and ("/" in self.api_key or not self.api_key.isprintable()):
+            raise UsageError("api_key: expected printable characters and no '/' (it may travel in a URL's path)")
 
 
 BITS = (2, 3, 4, 8)  # the checkpoint format packs 4 and 8; 2 and 3 serve as worse-quantizer controls

@@ -29,10 +29,13 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class Group:
     """One request's conversations as token ids. prompt: ids shared by every part (each part is a
-    response's own tokens after it), or None (each part is a whole conversation, scored alone)."""
+    response's own tokens after it), or None (each part is a whole conversation, scored alone).
+    every_token: one part, and a reward at each of its tokens, the prompt's included (vLLM's
+    token_classify pooling), instead of one at its last."""
 
     prompt: list[int] | None
     parts: list[list[int]]
+    every_token: bool = False
 
     @property
     def tokens(self) -> int:
@@ -53,6 +56,26 @@ def shared_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
+def merge_prompts(groups: list[Group]) -> tuple[list[Group], list[list[tuple[int, int]]]]:
+    """The groups with the same prompt tokens merged into one (their parts in order: each part attends to
+    the prompt on its own, so merging changes no score), the others as they are. Returns the merged
+    groups and, for each, the (group, part) of `groups` that each of its parts came from."""
+    out, members, at = [], [], {}
+    for n, g in enumerate(groups):
+        key = None if g.prompt is None or g.every_token else tuple(g.prompt)  # a token-level prompt is its own
+        if key is not None and key in at:
+            k = at[key]
+            out[k] = Group(out[k].prompt, out[k].parts + g.parts)
+        else:
+            if key is not None:
+                at[key] = len(out)
+            out.append(g)
+            members.append([])
+            k = len(out) - 1
+        members[k] += [(n, j) for j in range(len(g.parts))]
+    return out, members
+
+
 @dataclass(frozen=True)
 class Segment:
     start: int  # first token in the stream
@@ -67,19 +90,22 @@ class Segment:
 class Batch:
     ids: list[int] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
-    owners: list[tuple[int, int]] = field(default_factory=list)  # (group, part) of each scored segment, in order
-    scored: list[int] = field(default_factory=list)  # stream row of each scored segment's last token
+    owners: list[tuple[int, int]] = field(default_factory=list)  # (group, part) of each scored row, in order
+    scored: list[int] = field(default_factory=list)  # stream row scored: a segment's last, or each (every_token)
     done: int = 0  # groups 0..done-1 are complete once this batch is scored
     free: list[int] = field(default_factory=list)  # prompt keys no later batch reads
     tokens: int = 0  # conversation tokens completed (Group.tokens of the groups this batch finishes)
 
     def add(self, ids: list[int], position: int = 0, prompt: int | None = None, key: int | None = None,
-            owner: tuple[int, int] | None = None) -> None:
-        self.segments.append(Segment(len(self.ids), len(ids), position, prompt, key))
+            owner: tuple[int, int] | None = None, every: bool = False) -> None:
+        """A segment; with `owner`, its last row is scored for it (every: each of its rows)."""
+        start = len(self.ids)
+        self.segments.append(Segment(start, len(ids), position, prompt, key))
         self.ids += ids
         if owner is not None:
-            self.owners.append(owner)
-            self.scored.append(len(self.ids) - 1)
+            rows = range(start, len(self.ids)) if every else [len(self.ids) - 1]
+            self.owners += [owner] * len(rows)
+            self.scored += rows
 
 
 def pack_batches(groups: Iterable[Group], budget: int | Callable[[], int]) -> Iterator[Batch]:
@@ -97,14 +123,14 @@ def pack_batches(groups: Iterable[Group], budget: int | Callable[[], int]) -> It
         key = home = None
         if g.prompt is not None:
             key, home = n, (batch, len(batch.segments))
-            batch.add(g.prompt, key=key)
+            batch.add(g.prompt, key=key, owner=(n, 0) if g.every_token else None, every=True)
         for j, part in enumerate(g.parts):
             if batch.ids and len(batch.ids) + len(part) > limit:
                 if home is not None and home[0] is batch:  # the prompt stays behind: later batches read it
                     batch.segments[home[1]] = replace(batch.segments[home[1]], keep=True)
                 yield batch
                 batch = Batch(done=n)
-            batch.add(part, len(g.prompt or ()), key, owner=(n, j))
+            batch.add(part, len(g.prompt or ()), key, owner=(n, j), every=g.every_token)
         if home is not None and home[0] is not batch:
             batch.free.append(key)
         batch.tokens += g.tokens

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .chat import (
+    ASSISTANT_HEADER,
     ENDOFTEXT,
     ConversationError,
     check_conversation,
@@ -29,7 +30,7 @@ from .errors import InputError
 from .model import WorldPM, load_model
 from .offload_plan import MLP_CHUNK, place_checkpoint
 from .options import RuntimeOptions
-from .packing import Group, pack_batches, run_batches, shared_prefix
+from .packing import Group, merge_prompts, pack_batches, run_batches, shared_prefix
 from .qlinear import GPTQLinear
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 PADDED_WINDOW = 64  # the padded path sorts by length within windows of this many token budgets
+SHARE_MIN = 64  # prompt tokens from which a conversation's prompt runs as its own segment, shareable (Scorer.single)
 # Passes that fit at a reduced token budget (after running out of GPU memory) before the budget doubles
 # back toward the planned one; doubled each time a regrown budget runs out of memory again.
 GROW_AFTER = 16
@@ -260,44 +262,65 @@ class Scorer:
                                       "(pass truncation='left' / --truncate to keep the last tokens)")
         return ids[-self.max_length:]
 
+    def single(self, ids: list[int], prompt_ids: list[int] | None = None) -> Group:
+        """One conversation's token ids as a Group. With share_prompts (and packing) it is cut after its
+        prompt when that is at least SHARE_MIN tokens: after `prompt_ids` when they are a prefix of
+        `ids`, else after its last assistant header. The prompt then runs as a segment of its own,
+        which requests with the same prompt share (packing.merge_prompts: the Batcher merges a round's
+        requests). The cut depends on the conversation alone and each response attends to the prompt's
+        keys and values on its own, so the score is the same bits whoever shares the prompt: alone,
+        in a request with others, or merged with other requests."""
+        if not (self.share_prompts and self.packing):
+            return Group(None, [ids])
+        k = len(prompt_ids) if prompt_ids and ids[:len(prompt_ids)] == prompt_ids else self._after_last_header(ids)
+        k = min(k, len(ids) - 1)  # the scoring token stays in the response
+        return Group(ids[:k], [ids[k:]]) if k >= SHARE_MIN else Group(None, [ids])
+
+    def _after_last_header(self, ids: list[int]) -> int:
+        """The position just after the last assistant header of ids (0: none)."""
+        header = self.__dict__.setdefault("_header", self.tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False))
+        for i in range(len(ids) - len(header), -1, -1):
+            if ids[i:i + len(header)] == header:
+                return i + len(header)
+        return 0
+
     def group(self, conversations: list, prompt: list | None = None, where: str = "conversation") -> Group:
-        """One request's conversations as a Group. With `prompt` (the messages every conversation
-        starts with) and share_prompts, the tokens all conversations share are run once, provided
-        the prompt's own tokens under the chat template are an exact prefix of every one of them;
-        otherwise (a template that renders the prompt differently, left truncation) each
-        conversation is scored alone."""
+        """One request's conversations as a Group. One conversation: `single`. Several, with `prompt`
+        (the messages every conversation starts with) and share_prompts: the tokens all conversations
+        share are run once, provided the prompt's own tokens under the chat template are an exact
+        prefix of every one of them; otherwise (a template that renders the prompt differently, left
+        truncation) each conversation is scored alone."""
         full = self.encode(conversations, where)
-        if prompt is None or len(full) < 2 or not (self.share_prompts and self.packing):
+        if len(full) == 1:
+            return self.single(full[0], None if prompt is None else self._prompt_ids(prompt))
+        if prompt is None or not (self.share_prompts and self.packing):
             return Group(None, full)
-        text = self.tokenizer.apply_chat_template(check_conversation(prompt), tokenize=False,
-                                                  add_generation_prompt=False)
-        own = self.tokenizer.encode(text, add_special_tokens=False)
+        own = self._prompt_ids(prompt)
         n = shared_prefix(full)
         if n < len(own) or full[0][:len(own)] != own:
             return Group(None, full)
         return Group(full[0][:n], [f[n:] for f in full])
 
+    def _prompt_ids(self, prompt: list) -> list[int]:
+        text = self.tokenizer.apply_chat_template(check_conversation(prompt), tokenize=False,
+                                                  add_generation_prompt=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     def text_groups(self, texts: list, prompts: list | None = None,
                     where: str = "query") -> tuple[list[Group], list[int]]:
-        """Already templated texts as Groups: with `prompts` (one per text) and share_prompts, the texts
-        with equal prompts are one Group whose common leading tokens run once. Returns the groups and
-        the text index of each of their parts, in order."""
+        """Already templated texts as Groups, each text as `single` cuts it (after its `prompts` entry's
+        tokens when they are its prefix), those with the same prompt tokens merged into one Group whose
+        prompt runs once. Returns the groups and the text index of each of their parts, in order."""
         if prompts is not None and (len(prompts) != len(texts) or not all(isinstance(p, str) for p in prompts)):
             raise ConversationError(f"prompts: expected a list of {len(texts)} strings (one per {where}), found "
                                     f"{len(prompts)} items of types {sorted({type(p).__name__ for p in prompts})}")
         ids = self.encode_texts(texts, where)
-        if prompts is None or not (self.share_prompts and self.packing):
-            return [Group(None, [t]) for t in ids], list(range(len(ids)))
-        by_prompt: dict = {}
-        for n, p in enumerate(prompts):
-            by_prompt.setdefault(p, []).append(n)
-        groups, order = [], []
-        for members in by_prompt.values():
-            full = [ids[n] for n in members]
-            k = shared_prefix(full) if len(full) > 1 else 0
-            groups.append(Group(full[0][:k], [f[k:] for f in full]) if k else Group(None, full))
-            order += members
-        return groups, order
+        prompt_ids = {}
+        if prompts is not None and self.share_prompts and self.packing:
+            prompt_ids = {p: self.tokenizer.encode(p, add_special_tokens=False) for p in set(prompts)}
+        singles = [self.single(t, prompt_ids.get(prompts[n]) if prompts else None) for n, t in enumerate(ids)]
+        groups, members = merge_prompts(singles)
+        return groups, [n for m in members for n, _ in m]
 
     def run(self, groups: Iterable[Group]) -> Iterator[Step]:
         """Score groups lazily, in order: one Step per batch, each with the groups it completed.
@@ -347,7 +370,7 @@ class Scorer:
 
         def counted():
             for n, g in enumerate(source.groups(), first):
-                sizes[n] = len(g.parts)
+                sizes[n] = (len(g.parts), g.every_token)
                 yield g
 
         with torch.inference_mode(), _quiet_bnb():
@@ -358,7 +381,11 @@ class Scorer:
                 owners = [(first + g, j) for g, j in batch.owners]
                 _check_finite(values, owners)
                 for (g, j), v in zip(owners, values):
-                    pending.setdefault(g, [0.0] * sizes[g])[j] = v
+                    parts, every = sizes[g]
+                    if every:  # each row's reward, in stream order: the prompt's, then the part's
+                        pending.setdefault(g, [[] for _ in range(parts)])[j].append(v)
+                    else:
+                        pending.setdefault(g, [0.0] * parts)[j] = v
                 done = [(g, pending.pop(g)) for g in range(reported, first + batch.done)]
                 for g, _ in done:
                     del sizes[g]
@@ -371,6 +398,13 @@ class Scorer:
         batches right-padded to their longest sequence."""
         window, first, work = [], 0, 0
         for g in groups:
+            if g.every_token:  # one conversation, a reward at each token: alone, after the window before it
+                if window:
+                    yield self._padded_retried(window, first)
+                    first, window, work = first + len(window), [], 0
+                yield self._every_token_alone(g, first)
+                first += 1
+                continue
             parts = g.parts if g.prompt is None else [g.prompt + p for p in g.parts]
             window.append(parts)
             work += sum(map(len, parts))
@@ -379,6 +413,15 @@ class Scorer:
                 first, window, work = first + len(window), [], 0
         if window:
             yield self._padded_retried(window, first)
+
+    @torch.inference_mode()
+    def _every_token_alone(self, g: Group, index: int) -> Step:
+        ids = (g.prompt or []) + g.parts[0]
+        with _quiet_bnb():
+            x = self.model.hidden_states(torch.tensor([ids]))[0]  # [T, h]
+            values = self.model.head(x, torch.arange(len(ids))).tolist()
+        _check_finite(values, [(index, 0)] * len(values))
+        return Step(index + 1, [(index, [values])], len(ids))
 
     def _padded_retried(self, window: list[list[list[int]]], first: int) -> Step:
         """_padded_window, run again at a smaller token budget when it runs out of GPU memory."""
@@ -415,7 +458,7 @@ class Scorer:
     def score_ids(self, encoded: list[list[int]], progress=None) -> list[float]:
         """One score per token sequence (each ending with <|endoftext|>), in input order."""
         scores = []
-        for step in self.run(Group(None, [ids]) for ids in encoded):
+        for step in self.run(self.single(ids) for ids in encoded):
             scores += [s[0] for _, s in step.results]
             if progress is not None:
                 progress.update(len(step.results))

@@ -7,6 +7,7 @@ import argparse
 import os
 
 from ..errors import UsageError, require_extra
+from ..options import QUEUE_BYTES_PER_TOKEN
 from ..options import ServeOptions as S
 from ..serve.routes import help_text, startup_line
 from .common import add_runtime, load_scorer, log, runtime_options
@@ -33,8 +34,12 @@ def add(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="default: 8000 (0: any free port, printed at start)")
     p.add_argument("--max-items", type=int, default=S.max_items,
                    help=f"conversations or queries per request (default: {S.max_items})")
-    p.add_argument("--max-queue", type=int, default=S.max_queue, help="requests waiting for the model before new ones "
-                   f"get 503 + Retry-After (default: {S.max_queue})")
+    p.add_argument("--max-queue-tokens", type=int, help="tokens the queue may hold (requests read and tokenized, "
+                   "waiting for the model) before new ones get 503 + Retry-After; the start-up line says the memory "
+                   f"it stands for (default: a quarter of the host memory available, at {QUEUE_BYTES_PER_TOKEN} B a "
+                   "token)")
+    p.add_argument("--max-queue", type=int, default=S.max_queue, help="requests the queue may hold, a backstop behind "
+                   f"--max-queue-tokens (default: {S.max_queue})")
     p.add_argument("--max-wait-ms", type=float, default=S.max_wait * 1000, help="how long a batch below the token "
                    f"budget waits for more requests (default: {S.max_wait * 1000:g})")
     p.add_argument("--max-body-mib", type=float, default=S.max_body / MIB,
@@ -42,8 +47,13 @@ def add(sub) -> None:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (default: warning)")
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every scoring route and /v1/models "
+    p.add_argument("--api-key", help="require the key on every route but /health and /metrics: 'Authorization: "
+                   "Bearer KEY', or for clients that cannot send headers (OpenRLHF) in the path: "
+                   "http://HOST:PORT/k/KEY/get_reward. The OpenAPI schema is then behind it and /docs off "
                    "(default: $WORLDPM_LITE_API_KEY; none: open). Never logged")
+    p.add_argument("--served-model-name", nargs="+", help="the names a request's `model` may give, as vLLM's flag "
+                   "(answers report the first); the --model argument is accepted too (default: the model folder's "
+                   "name)")
     p.add_argument("--replicas", type=int, help="N replicas of the model on Ray Serve behind this one address (needs "
                    "the [ray] extra): each with its own batching, requests to the less loaded, a replica that dies "
                    "restarted and its requests sent to another; /metrics has series per replica (default: one "
@@ -61,8 +71,9 @@ def run(args) -> None:
     require_extra("serve", "fastapi", "prometheus_client", "uvicorn", what="serve")
     api_key = args.api_key or os.environ.get("WORLDPM_LITE_API_KEY") or None
     args.api_key = None  # never echoed: nothing below prints args
-    limits = S(max_items=args.max_items, max_queue=args.max_queue, max_wait=args.max_wait_ms / 1000,
-               max_body=int(args.max_body_mib * MIB), api_key=api_key)
+    limits = S(max_items=args.max_items, max_queue_tokens=args.max_queue_tokens, max_queue=args.max_queue,
+               max_wait=args.max_wait_ms / 1000, max_body=int(args.max_body_mib * MIB),
+               served_model_names=tuple(args.served_model_name or ()), api_key=api_key)
     if args.replicas is not None:
         return run_replicas(args, limits)
     from ..serve.app import bind, create_app, run_server
@@ -75,8 +86,10 @@ def run(args) -> None:
     app = create_app(scorer, model=args.model, options=limits)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    log(f"serving {args.model} on {url}: {startup_line()}{'; API key required' if api_key else ''}. SIGTERM or "
-        "Ctrl-C answers the requests in flight, then exits")
+    service = app.state.service
+    log(f"serving {args.model} as {', '.join(service.names)} on {url}: {startup_line()}"
+        f"{'; API key required (a header, or /k/KEY/ before the route)' if api_key else ''}; "
+        f"{service.limits()}. SIGTERM or Ctrl-C answers the requests in flight, then exits")
     run_server(app, sock, log_level=args.log_level, access_log=args.access_log)
     log("worldpm-lite serve: stopped after answering every request in flight")
 

@@ -34,6 +34,8 @@ uses it) and a Ray cluster started here stop.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -41,11 +43,14 @@ from collections.abc import Callable
 
 from ..errors import InputError, require_extra
 from ..options import RuntimeOptions, ServeOptions
+from .app import CLIENT_GONE
+from .auth import SCOPE_KEY, PathKey
 from .http import HTTPError, error_body, read_body
 from .routes import startup_line
 
 REPLICA = "worldpm-replica"
 FAILOVERS = 3  # tries after the first when the replica holding a request dies
+FRONT_BYTES_PER_TOKEN = 8  # a queued token's share of its request's JSON body (text or ids), generously
 SLACK = 64  # requests a replica takes beyond its Batcher's limits: those being read and tokenized
 DRAIN_S = 3600.0  # how long a replica Serve stops may take for its requests (a 72B queue can take minutes)
 
@@ -82,8 +87,10 @@ class Replica:
         messages = [{"type": "http.request", "body": body, "more_body": False}]
         start, chunks = {}, []
 
-        async def receive():
-            return messages.pop() if messages else {"type": "http.disconnect"}
+        async def receive():  # the body; then nothing more: a client that leaves is the Front's to see
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # until this request is answered (or cancelled by the Front)
 
         async def send(message):
             if message["type"] == "http.response.start":
@@ -109,13 +116,17 @@ class Replica:
 class Front:
     """The ASGI app on host:port: each request to a replica, /metrics and /health from all of them."""
 
-    def __init__(self, replicas, max_body: int):
+    def __init__(self, replicas, max_body: int, max_bytes: int, api_key: str | None = None):
+        """max_bytes: request bodies this front may hold at once (read, waiting for their replica)."""
         from prometheus_client import CollectorRegistry, Counter
 
-        self.replicas, self.max_body = replicas, max_body
+        self.replicas, self.max_body, self.max_bytes, self.api_key = replicas, max_body, max_bytes, api_key
+        self.holding = 0  # bytes of the bodies in flight to a replica
         self.registry = CollectorRegistry()
         self.failovers = Counter("worldpm_replica_failovers", "requests sent to another replica after the one "
                                  "scoring them died", registry=self.registry)
+        self.refused = Counter("worldpm_front_refused", "requests the front answered 503 because the bodies it "
+                               "held reached its bound", registry=self.registry)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":  # nothing to start or stop here
@@ -130,20 +141,45 @@ class Front:
         else:
             try:
                 body = await read_body(receive, dict(scope["headers"]).get(b"content-length"), self.max_body)
-            except HTTPError as e:  # too large: answered here, unread
-                status, headers, body = json_response(*error_body(e.code, e.kind, str(e), e.param, scope["path"]))
+                if self.holding + len(body) > self.max_bytes:
+                    self.refused.inc()
+                    raise HTTPError(503, f"the front holds {self.holding:,} bytes of requests (at most "
+                                    f"{self.max_bytes:,}: --max-queue-tokens); retry shortly", "overloaded",
+                                    {"retry-after": "1"})
+            except HTTPError as e:  # too large, or too much held: answered here
+                status, headers, body = json_response(*error_body(e.code, e.kind, str(e), e.param, scope["path"]),
+                                                      [(k.encode(), v.encode()) for k, v in (e.headers or {}).items()])
             else:
-                status, headers, body = await self.forward(scope, body)
+                self.holding += len(body)
+                try:
+                    status, headers, body = await self.forward(scope, body, receive)
+                finally:
+                    self.holding -= len(body)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def forward(self, scope, body: bytes):
+    async def forward(self, scope, body: bytes, receive):
+        """A replica's answer to the request; when its client leaves first, the replica's call is cancelled
+        (a request still queued there is then never scored) and nothing is answered."""
         from ray.exceptions import RayActorError
 
-        request = (scope["method"], scope["path"], scope["query_string"], list(scope["headers"]), body)
+        headers = list(scope["headers"])
+        if scope.get(SCOPE_KEY) is True:  # the path carried the key (PathKey took it out): say so to the replica
+            headers.append((b"authorization", f"Bearer {self.api_key}".encode()))
+        request = (scope["method"], scope["path"], scope["query_string"], headers, body)
         for _ in range(FAILOVERS + 1):
+            response = self.replicas.request.remote(*request)
+            answer, gone = asyncio.ensure_future(response), asyncio.ensure_future(disconnected(receive))
             try:
-                return await self.replicas.request.remote(*request)
+                await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if not answer.done():
+                response.cancel()
+                answer.cancel()
+                return CLIENT_GONE, [], b""
+            try:
+                return answer.result()
             except RayActorError:  # its replica died holding it: another one scores it
                 self.failovers.inc()
         status, error = error_body(503, "replica_died", f"the replica scoring this request died {FAILOVERS + 1} "
@@ -192,6 +228,11 @@ class _Collected:
         return self.families
 
 
+async def disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":  # the body is read: only this comes
+        pass
+
+
 def json_response(status: int, obj, headers: list | None = None) -> tuple[int, list, bytes]:
     """(status, ASGI headers, body) of a JSON answer."""
     return status, [(b"content-type", b"application/json"), *(headers or [])], json.dumps(obj).encode()
@@ -219,9 +260,11 @@ def serve_replicated(model: str, replicas: int, scorer_args: RuntimeOptions | di
     from ray import serve
 
     from ..ray import init_ray
-    from .app import bind, run_server
+    from .app import bind, default_queue_tokens, run_server
 
     options, limits = RuntimeOptions.of(scorer_args), ServeOptions.of(app_args)
+    if limits.max_queue_tokens is None:  # this host's default shared by the replicas (on one host, they share it)
+        limits = dataclasses.replace(limits, max_queue_tokens=max(1, default_queue_tokens() // replicas))
     started_ray = not ray.is_initialized()
     local = started_ray and ray_address is None and not os.environ.get("RAY_ADDRESS")  # a cluster of our own
     if local:  # the replicas read our files: a wrong path fails now, not after Serve retried every replica
@@ -246,13 +289,15 @@ def serve_replicated(model: str, replicas: int, scorer_args: RuntimeOptions | di
                              f"{port} of another host?")
         handle = _deploy(serve, app, str(model), replicas, options, limits, gpus_per_replica, cpus_per_replica,
                          2 * limits.max_queue + SLACK)
-        front = Front(handle, limits.max_body)
+        front = Front(handle, limits.max_body, limits.max_queue_tokens * replicas * FRONT_BYTES_PER_TOKEN,
+                      limits.api_key)
         log(f"serving {model} on {url} with {replicas} replicas (Ray Serve): {startup_line()} (/metrics: series "
             f"per replica){'; API key required' if limits.api_key else ''}. SIGTERM or Ctrl-C answers the requests "
             "in flight, then exits")
         if ready is not None:
             ready(url)
-        run_server(front, sock)  # until SIGTERM/SIGINT, then until every request in flight is answered
+        run_server(front if limits.api_key is None else PathKey(front, limits.api_key), sock)  # until a signal, then
+        # until every request in flight is answered
         serve.delete(app)  # each replica's Batcher closes
     finally:
         sock.close()
