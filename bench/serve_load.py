@@ -148,8 +148,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--reward", action="store_true", help="/get_reward with 8 queries per request")
-    ap.add_argument("--openrlhf", action="store_true", help="OpenRLHF's pattern: one sample per /get_reward request "
-                    "({query: [q], prompts: [p], labels: [l]}) from 1 and 256 clients at once")
+    ap.add_argument("--openrlhf", type=int, nargs="?", const=0, help="OpenRLHF's pattern: one sample per /get_reward "
+                    "request ({query: [q], prompts: [p], labels: [l]}) from 1 and 256 clients at once; with N (e.g. "
+                    "8192): N such requests in flight at once, sent as OpenRLHF's own client sends them "
+                    "(bench/rl_traffic.py)")
+    ap.add_argument("--grpo", action="store_true", help="GRPO-shaped traffic (8 samples of ~1,500-token prompts) "
+                    "with prompt sharing on vs off (bench/rl_traffic.py)")
     ap.add_argument("--short", action="store_true", help="each exchange cut to the prompt's first 60 characters "
                     "and the reply's first 120 (about 55 tokens): where a CPU gains most from batching")
     ap.add_argument("--replicas", help="comma-separated replica counts, e.g. 1,2: serve --replicas (Ray Serve) "
@@ -159,6 +163,16 @@ def main() -> None:
     ap.add_argument("--out", help="default: bench/results/serve_load[-short][-reward][-openrlhf][-replicas][-smoke]"
                     ".json")
     args = ap.parse_args()
+    if args.openrlhf or args.grpo:
+        import rl_traffic  # bench/ is this script's folder
+
+        model = args.model or str(tiny_model_dir(0))
+        result = (rl_traffic.openrlhf_in_flight(model, 64 if args.smoke else args.openrlhf, args.smoke)
+                  if args.openrlhf else rl_traffic.grpo(model, args.smoke))
+        name = f"serve_load-openrlhf-{args.openrlhf}" if args.openrlhf else "serve_load-grpo"
+        rl_traffic.write(Path(args.out or Path(__file__).parent / "results" / f"{name}{'-smoke' * args.smoke}.json"),
+                         {"machine": platform.processor() or platform.machine(), "model": model, **result})
+        raise SystemExit(0 if result["pass"] else 1)
     counts = [int(n) for n in args.replicas.split(",")] if args.replicas else [0]
     if min(counts) < 0:
         ap.error(f"--replicas: expected counts of at least 0, found {args.replicas}")

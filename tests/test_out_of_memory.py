@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from test_offload import CONVS, PROMPT, REPLIES
 
 from worldpm_lite import packing
 from worldpm_lite.cli import main
@@ -15,12 +16,6 @@ from worldpm_lite.model import WorldPM
 from worldpm_lite.options import Offload
 from worldpm_lite.scorer import DoesNotFit, Scorer
 from worldpm_lite.tiny import tiny_quantized_dir
-
-PROMPT = "How do I keep basil alive on a windowsill?"
-REPLIES = ["Water it when the top inch of soil is dry and give it six hours of sun.", "Basil likes light.",
-           "Pinch off the flower buds so the plant keeps making leaves, and turn the pot every few days."]
-CONVS = [[{"role": "user", "content": f"Question {i}: {'why ' * i}?"},
-          {"role": "assistant", "content": f"Answer {i}: {'because ' * (3 * i)}."}] for i in range(8)]
 
 
 @pytest.fixture(scope="module")
