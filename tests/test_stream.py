@@ -56,6 +56,37 @@ def score_args(small_dir, data, out, *extra):
             *extra]
 
 
+def interrupt_after_one_batch(monkeypatch, args) -> None:
+    """main(args), interrupted (as by Ctrl-C) once its first batch is recorded."""
+    from worldpm_lite.scorer import Scorer
+
+    monkeypatch.setattr(stream, "RECORD_EVERY", 0.0)
+    run = Scorer.run
+
+    def crashing(self, groups):
+        yield next(run(self, groups))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Scorer, "run", crashing)
+    assert main(args) == 130
+    monkeypatch.setattr(Scorer, "run", run)
+
+
+def interrupt_second_model(monkeypatch, args) -> None:
+    """`fidelity` args, interrupted as its second model (the first candidate) starts scoring."""
+    calls, real = [], stream.score_file
+
+    def failing_second(scorer, path, output, *args, **kwargs):
+        calls.append(output)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(scorer, path, output, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "score_file", failing_second)
+    assert main(args) == 130
+    monkeypatch.setattr(stream, "score_file", real)
+
+
 def test_output_matches_the_padded_reference_and_reports_progress(tmp_path, small_dir, data, expected, capsys):
     out = tmp_path / "padded.jsonl"
     assert main(score_args(small_dir, data, out, "--no-packing", "--no-shared-prompts")) == 0
@@ -137,21 +168,10 @@ def test_resume_after_kill_9_is_byte_identical(tmp_path, small_dir, data, expect
 
 
 def test_resume_refuses_other_settings_or_changed_input(tmp_path, small_dir, data, monkeypatch, capsys):
-    from worldpm_lite.scorer import Scorer
-
-    monkeypatch.setattr(stream, "RECORD_EVERY", 0.0)
-    run = Scorer.run
-
-    def crashing(self, groups):
-        yield next(run(self, groups))
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Scorer, "run", crashing)
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(data.read_bytes())
     out = tmp_path / "out.jsonl"
-    assert main(score_args(small_dir, inp, out)) == 130
-    monkeypatch.setattr(Scorer, "run", run)
+    interrupt_after_one_batch(monkeypatch, score_args(small_dir, inp, out))
     capsys.readouterr()
     assert main([*score_args(small_dir, inp, out), "--resume", "--token-budget", "65"]) == 2
     assert "other settings (token_budget" in capsys.readouterr().err
@@ -245,25 +265,47 @@ def test_memory_does_not_grow_with_the_input(tmp_path, ci_notes):
 def test_fidelity_resumes_without_rescoring_finished_models(tmp_path, small_dir, data, monkeypatch, capsys):
     """fidelity streams each model through score_file into the report's staging folder: after a
     crash in the candidate, --resume keeps the reference's scores and finishes the report."""
-    calls = []
-    real = stream.score_file
-
-    def failing_second(scorer, path, output, *args, **kwargs):
-        calls.append(output)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(scorer, path, output, *args, **kwargs)
-
-    monkeypatch.setattr(stream, "score_file", failing_second)
     report = tmp_path / "report"
     args = ["fidelity", "--reference", str(small_dir), "--candidate", f"bnb-int8:{small_dir}", "--data", str(data),
             "--report", str(report), "--token-budget", "512"]
-    assert main(args) == 130 and not report.exists()
+    interrupt_second_model(monkeypatch, args)
+    assert not report.exists()
     assert main(args) == 2 and "pass --resume" in capsys.readouterr().err
-    monkeypatch.setattr(stream, "score_file", real)
     done = tmp_path / ".report.partial" / "scores-0.jsonl"
     before = done.stat().st_mtime_ns
     assert main(args + ["--resume"]) == 0
     assert (report / "scores-0.jsonl").stat().st_mtime_ns == before  # the reference was not scored again
     r = json.loads((report / "report.json").read_text())
     assert r["requests"] == 240 and r["conversations"] == len(flat_scores(report / "scores-1.jsonl"))
+
+
+def test_resume_refuses_weights_rewritten_in_place_naming_the_shard(tmp_path, small_dir, monkeypatch, capsys):
+    """score --resume and fidelity --resume know a model by its weights: a shard rewritten in place since
+    the interrupted run (its time moved) is refused by name; the same stamps again are accepted."""
+    import shutil
+
+    model = shutil.copytree(small_dir, tmp_path / "model")
+    shard = model / "model-00001-of-00002.safetensors"
+    stamp = shard.stat().st_atime_ns, shard.stat().st_mtime_ns
+    inp, out = write_requests(tmp_path / "in.jsonl", 30), tmp_path / "out.jsonl"
+    interrupt_after_one_batch(monkeypatch, score_args(model, inp, out))
+    os.utime(shard, ns=(stamp[0], stamp[1] + 10**9))
+    capsys.readouterr()
+    assert main(score_args(model, inp, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert f"its weights changed since the interrupted run: {shard} (size " in err and "modification time" in err
+    os.utime(shard, ns=stamp)
+    assert main(score_args(model, inp, out, "--resume")) == 0 and len(out.read_text().splitlines()) == 30
+
+    args = ["fidelity", "--reference", str(model), "--candidate", str(small_dir), "--data", str(inp), "--report",
+            str(tmp_path / "report"), "--token-budget", "512", "--resume"]
+    interrupt_second_model(monkeypatch, args)  # the reference finished, the candidate interrupted
+    done = tmp_path / ".report.partial" / "scores-0.jsonl"
+    before = done.stat().st_mtime_ns
+    os.utime(shard, ns=(stamp[0], stamp[1] + 10**9))
+    capsys.readouterr()
+    assert main(args) == 2
+    assert f"its weights changed since the interrupted run: {shard}" in capsys.readouterr().err
+    os.utime(shard, ns=stamp)
+    assert main(args) == 0
+    assert (tmp_path / "report" / "scores-0.jsonl").stat().st_mtime_ns == before  # the reference: not scored again

@@ -151,7 +151,9 @@ def load_tokenizer(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer.json").exists() and not (model_dir / "tokenizer_config.json").exists():
         raise NotFound(f"{model_dir}: no tokenizer.json or tokenizer_config.json")
-    return copy.copy(_load_tokenizer(_tokenizer_digest(model_dir), str(model_dir)))
+    digest = _tokenizer_digest(model_dir)
+    _FOLDERS[digest] = str(model_dir)  # where to read it from, should it be loaded (again)
+    return copy.copy(_load_tokenizer(digest))
 
 
 def _tokenizer_digest(model_dir: Path) -> str:
@@ -168,11 +170,16 @@ def _tokenizer_digest(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+_FOLDERS: dict[str, str] = {}  # tokenizer digest -> the last folder seen with it
+
+
 @lru_cache(maxsize=4)
-def _load_tokenizer(digest: str, model_dir: str):
-    """One load per distinct tokenizer (`digest`); the first folder seen with it is read."""
+def _load_tokenizer(digest: str):
+    """One load per distinct tokenizer (`digest`), whatever folder holds it: every hub snapshot, every
+    quantized copy is a folder of its own."""
     from transformers import AutoTokenizer
 
+    model_dir = _FOLDERS[digest]
     # fix_mistral_regex=False: transformers 5.x (up to ~5.23) suspects Mistral's broken pre-tokenizer
     # regex in any local folder whose config.json has no `transformers_version` and warns on every
     # load. A WorldPM checkpoint is Qwen2's byte-level BPE with Qwen's own regex; tests check its ids

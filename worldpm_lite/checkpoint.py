@@ -208,6 +208,38 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def weight_stamps(folder: str | Path) -> dict[str, list[int]]:
+    """Each weight shard's size and modification time (ns) in a model folder: what a resumed run checks
+    the model by. Reading every byte of a 143 GB checkpoint to hash it would take minutes; a replaced
+    or rewritten shard changes one of these (in a hub cache, a shard links to its blob: the blob's)."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    shards = set(_read_json(index, "the shard index").get("weight_map", {}).values()) if index.is_file() else {
+        SINGLE_FILE}
+    return {f: [st.st_size, st.st_mtime_ns] for f in sorted(shards) if (folder / f).is_file()
+            for st in [(folder / f).stat()]}
+
+
+def model_identity(folder: str | Path) -> dict:
+    """A model folder as a resumed run checks it: its path, config.json's sha256 and each weight shard's
+    size and time (a hub model's snapshot folder names its commit)."""
+    folder = Path(folder)
+    return {"model": str(folder.resolve()), "config_sha256": file_sha256(folder / "config.json"),
+            "weights": weight_stamps(folder)}
+
+
+def changed_weights(folder: Path, saved: dict, now: dict) -> list[str]:
+    """The shards whose stamps (weight_stamps) differ between an interrupted run and now, in words."""
+    out = []
+    for f in sorted(set(saved) | set(now)):
+        a, b = saved.get(f), now.get(f)
+        if a is None or b is None:
+            out.append(f"{Path(folder) / f} ({'new' if a is None else 'gone'} since the run started)")
+        elif a != b:
+            out.append(f"{Path(folder) / f} (size {a[0]} -> {b[0]} bytes, modification time {a[1]} -> {b[1]} ns)")
+    return out
+
+
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -224,6 +256,15 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def read_config(folder: Path) -> tuple[dict, WorldPMConfig, GPTQSpec | None]:
+    """A model folder's config.json: as read, as a WorldPMConfig, and its GPTQ spec (None for bf16). All
+    that `plan` needs, so it reads no shard."""
+    raw = _read_json(Path(folder) / "config.json", "the model's config.json")
+    qc = raw.get("quantization_config")
+    where = str(Path(folder) / "config.json")
+    return raw, WorldPMConfig.from_dict(raw, where), None if qc is None else GPTQSpec.from_dict(qc, where)
+
+
 class Checkpoint:
     """A validated model directory. `tensor(name)` reads one tensor from its shard (mmap)."""
 
@@ -231,10 +272,7 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory (expected a model directory with config.json)")
-        self.raw_config = _read_json(self.path / "config.json", "the model's config.json")
-        self.config = WorldPMConfig.from_dict(self.raw_config, str(self.path / "config.json"))
-        qc = self.raw_config.get("quantization_config")
-        self.quant = None if qc is None else GPTQSpec.from_dict(qc, str(self.path / "config.json"))
+        self.raw_config, self.config, self.quant = read_config(self.path)
         self.weight_map = self._weight_map()  # tensor name -> shard file name
         self._handles: dict[str, object] = {}
         self._validate()

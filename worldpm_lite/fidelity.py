@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, model_identity, write_json_atomic
 from .data import Request
 from .errors import InputError, NotFound, OutputExists, UsageError
+from .hub import is_hub_id, resolve
 from .options import RuntimeOptions
 
 CLEAR_FLOOR = 0.1  # a reference preference counts as clear above 0.1 x its score std
@@ -51,7 +52,7 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        name = Path(self.path).name or self.path
+        name = self.path if is_hub_id(self.path.partition("@")[0]) else Path(self.path).name or self.path
         return f"{name} ({self.quant})" if self.quant else name
 
 
@@ -235,18 +236,19 @@ def run_fidelity(reference: str, candidates: list[Candidate], data: str, *, marg
     scorer_args: how every model runs (RuntimeOptions, or a dict of its fields; a candidate's own quant
     replaces its quant); placed: Scorer.from_pretrained's log, for the line saying where each loads."""
     from .scorer import Scorer
-    from .stream import scan, score_file, score_settings
+    from .stream import refuse_other_settings, scan, score_file, score_settings
 
     if not candidates:
         raise UsageError("candidates: expected at least one")
     options = RuntimeOptions.of(scorer_args)
-    ref_ckpt = Checkpoint(reference)
+    local = {m: resolve(m, log=log) for m in [reference, *(c.path for c in candidates)]}  # hub ids downloaded
+    ref_ckpt = Checkpoint(local[reference])
     for c in candidates:
-        cfg = Checkpoint(c.path).config  # validates the directory before any scoring starts
+        cfg = Checkpoint(local[c.path]).config  # validates the directory before any scoring starts
         if (cfg.hidden_size, cfg.vocab_size) != (ref_ckpt.config.hidden_size, ref_ckpt.config.vocab_size):
             log(f"note: {c.path} has another architecture than the reference (hidden {cfg.hidden_size}, "
                 f"vocab {cfg.vocab_size}): comparing scores of different models")
-        check_same_tokenizer(Path(reference), Path(c.path))  # every model reads the same tokens
+        check_same_tokenizer(local[reference], local[c.path])  # every model reads the same tokens
     shapes = scan(data)
     names = [c.label for c in candidates]
     if len(set(names)) < len(names):  # two folders with the same name: tell them apart by path
@@ -259,11 +261,15 @@ def run_fidelity(reference: str, candidates: list[Candidate], data: str, *, marg
     models = [(Candidate(reference), "reference")] + list(zip(candidates, names))
     results = []
     for k, (c, label) in enumerate(models):
-        out = staging / f"scores-{k}.jsonl"
+        out, stamp = staging / f"scores-{k}.jsonl", staging / f"scores-{k}.model.json"
+        model = {**model_identity(local[c.path]), "quant": c.quant}  # a finished model's scores are its weights'
+        if out.exists() and stamp.exists():
+            refuse_other_settings(json.loads(stamp.read_text()), model, stamp, str(staging), log)
         if not out.exists():
-            scorer = Scorer.from_pretrained(c.path, options, quant=c.quant, log=placed)
+            write_json_atomic(stamp, model)
+            scorer = Scorer.from_pretrained(local[c.path], options, quant=c.quant, log=placed)
             log(f"{label}: {scorer.backend}")
-            score_file(scorer, data, str(out), score_settings(scorer, c.path), resume=resume, log=log,
+            score_file(scorer, data, str(out), score_settings(scorer, local[c.path]), resume=resume, log=log,
                        progress=progress)
             del scorer
         results.append(flat_scores(out))

@@ -9,6 +9,7 @@ the answer into a table and a verdict.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -186,13 +187,15 @@ def plan_report(model: str, capacity: dict[int, int], bits: int | None, batch_to
     """The resident plan as `worldpm-lite plan` prints it, whether it fits, and the meta model it placed.
     model: a directory or a preset name; bits: 4, 8, 16 (bf16) or None for the checkpoint's own (4 for
     a preset)."""
-    from .checkpoint import Checkpoint
+    from .checkpoint import CheckpointError, read_config
 
     if model.lower() in PRESETS:
         config, spec, name = PRESETS[model.lower()], None, model.lower()
     else:
-        ckpt = Checkpoint(model)
-        config, spec, name = ckpt.config, ckpt.quant, str(ckpt.path)
+        if not Path(model).is_dir():
+            raise CheckpointError(f"{model}: not a directory (expected a model directory with config.json)")
+        _, config, spec = read_config(Path(model))
+        name = model
     bits = bits or (spec.bits if spec else 4 if model.lower() in PRESETS else 16)
     spec = None if bits == 16 else GPTQSpec(bits, spec.group_size if spec else 128)
     meta = meta_model(config, spec, torch.bfloat16)

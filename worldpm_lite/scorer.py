@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint
 from .data import prompt_messages, with_response
 from .devices import check_device
 from .errors import InputError
+from .hub import resolve
 from .model import WorldPM, load_model
 from .offload_plan import MLP_CHUNK, place_checkpoint
 from .options import RuntimeOptions
@@ -196,10 +197,11 @@ class Scorer:
         self.pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, options: RuntimeOptions | dict | None = None, *, log=None,
-                        **overrides) -> Scorer:
-        """Load a bf16 or GPTQ checkpoint directory to run as `options` say: a RuntimeOptions (its
-        docstring explains each field), a dict of its fields, or those fields as keywords, e.g.
+    def from_pretrained(cls, path: str | Path, options: RuntimeOptions | dict | None = None, *,
+                        revision: str | None = None, log=None, **overrides) -> Scorer:
+        """Load a bf16 or GPTQ checkpoint (a directory, or a hub id such as "Qwen/WorldPM-72B" at `revision`,
+        a branch, tag or commit: hub.resolve) to run as `options` say: a RuntimeOptions (its docstring
+        explains each field), a dict of its fields, or those fields as keywords, e.g.
         Scorer.from_pretrained(DIR, device="cpu", token_budget=4096, max_memory={0: "22GiB"}).
 
         device "auto" (the default): every visible GPU, whole decoder layers placed in order under each
@@ -211,6 +213,7 @@ class Scorer:
         log: called with one line saying where the layers go, before any weight is read."""
         opts = RuntimeOptions.of(options, **overrides)
         device = check_device(opts.device)
+        path = resolve(str(path), revision)
         dtype = TORCH_DTYPES[opts.dtype] if opts.dtype else None
         ckpt = Checkpoint(path)
         placement = place_checkpoint(ckpt, device, dtype or torch.bfloat16, opts.max_memory, opts.token_budget,

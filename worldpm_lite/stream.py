@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoint import file_sha256, write_json_atomic
+from .checkpoint import changed_weights, model_identity, write_json_atomic
 from .data import Line, RequestError, read_lines
 from .errors import InputError, OutputExists
 
@@ -57,10 +57,11 @@ def partial_paths(output: str | Path) -> tuple[Path, Path]:
 
 
 def score_settings(scorer, model: str | Path) -> dict:
-    """What decides the bytes of the results: a resumed run must match every entry."""
-    return {"model": str(Path(model).resolve()), "config_sha256": file_sha256(Path(model) / "config.json"),
-            "backend": scorer.backend, "token_budget": scorer.token_budget, "truncation": scorer.truncation,
-            "max_length": scorer.max_length, "packing": scorer.packing, "share_prompts": scorer.share_prompts}
+    """What decides the bytes of the results: a resumed run must match every entry (the model by its
+    folder, config.json and each weight shard's size and time; a hub model's folder names its commit)."""
+    return {**model_identity(model), "backend": scorer.backend, "token_budget": scorer.token_budget,
+            "truncation": scorer.truncation, "max_length": scorer.max_length, "packing": scorer.packing,
+            "share_prompts": scorer.share_prompts}
 
 
 FIRST_LINE = {"line": 0, "offset": 0, "bytes": 0, "requests": 0, "input_sha256": hashlib.sha256().hexdigest()}
@@ -80,7 +81,7 @@ def _resume_point(output: str, path: str, settings: dict, resume: bool, total: i
             "score again)")
         return None
     if resume and partial.exists() and record.exists():
-        start, digest = _check_resume(record, path, settings)
+        start, digest = _check_resume(record, path, settings, log)
         log(f"resuming {output} after line {start['line']} ({start['requests']} of {total} results written)")
         return start, digest
     if resume:
@@ -185,22 +186,36 @@ def score_failure(e, where: str) -> RequestError:
                         "are kept for --resume")
 
 
+def refuse_other_settings(saved: dict, now: dict, record: Path, delete: str, log) -> None:
+    """InputError unless a resumed run's settings (as score_settings makes them) are the interrupted
+    run's: each weight shard replaced or rewritten since is named, as quantize --resume does. A run
+    started before the weights were recorded is taken as it is, saying so."""
+    if "weights" not in saved:
+        log(f"--resume: the interrupted run did not record {now['model']}'s weight shards (an older "
+            "worldpm-lite): they are taken to be unchanged")
+        saved = {**saved, "weights": now["weights"]}
+    if saved.get("model") == now["model"] and saved["weights"] != now["weights"]:
+        changed = changed_weights(Path(now["model"]), saved["weights"], now["weights"])
+        raise InputError(f"{now['model']}: its weights changed since the interrupted run: {'; '.join(changed)}; "
+                         f"rerun with the original weights, or delete {delete} to start over")
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise InputError(f"{record}: the interrupted run used other settings ({', '.join(changed)}: "
+                         f"{[saved.get(k) for k in changed]}, now {[now.get(k) for k in changed]}); rerun with "
+                         f"those, or delete {delete} to start over")
+
+
 def _record(sink, record: Path, state: dict, settings: dict) -> None:
     sink.flush()
     os.fsync(sink.fileno())
     write_json_atomic(record, {**state, "settings": settings})
 
 
-def _check_resume(record: Path, path: str, settings: dict) -> tuple[dict, object]:
+def _check_resume(record: Path, path: str, settings: dict, log) -> tuple[dict, object]:
     """Where the interrupted run stopped, and the hash of the input up to there (checked against
     the record, then fed on by the resumed run)."""
     saved = json.loads(record.read_text())
-    changed = sorted(k for k in set(settings) | set(saved.get("settings", {}))
-                     if settings.get(k) != saved.get("settings", {}).get(k))
-    if changed:
-        raise InputError(f"{record}: the interrupted run used other settings ({', '.join(changed)}: "
-                         f"{[saved.get('settings', {}).get(k) for k in changed]}); rerun with those, or delete it "
-                         "and its .partial file to start over")
+    refuse_other_settings(saved.get("settings", {}), settings, record, f"{record} and its .partial file", log)
     digest = _hash_prefix(path, saved["offset"])
     if Path(path).stat().st_size < saved["offset"] or digest.hexdigest() != saved["input_sha256"]:
         raise InputError(f"{path}: its first {saved['line']} lines changed since the interrupted run; delete "

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UsageError
+from .hub import is_hub_id
 
 if TYPE_CHECKING:
     import httpx
@@ -76,11 +77,11 @@ class WorldPMReward:
             self.scorer = model_or_url
         elif str(model_or_url).startswith(("http://", "https://")):
             self.url = str(model_or_url).rstrip("/")
-        elif Path(model_or_url).is_dir():
+        elif Path(model_or_url).is_dir() or is_hub_id(str(model_or_url).partition("@")[0]):
             self.scorer = Scorer.from_pretrained(model_or_url, **scorer_args)
         else:
-            raise UsageError(f"model_or_url: expected a checkpoint directory, a Scorer or an http(s) URL of a "
-                             f"worldpm-lite serve, found {model_or_url!r}")
+            raise UsageError(f"model_or_url: expected a checkpoint directory, a hub id, a Scorer or an http(s) URL "
+                             f"of a worldpm-lite serve, found {model_or_url!r}")
 
     def __repr__(self) -> str:
         return f"WorldPMReward({self.url or 'in-process Scorer'}, name={self.__name__!r})"

@@ -15,9 +15,26 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+MODEL_HELP = ("a hub id such as Qwen/WorldPM-72B (downloaded once into the Hugging Face cache: HF_HUB_CACHE, "
+              "HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE apply) or a model directory (config.json, *.safetensors, "
+              "tokenizer files); a directory of that name wins")
+
+
+def add_model(p, help: str = MODEL_HELP) -> None:
+    p.add_argument("--model", required=True, help=help)
+    p.add_argument("--revision", help="with a hub id: the branch, tag or commit (default: main)")
+
+
+def model_path(args, config_only: bool = False) -> str:
+    """--model as a local folder: a directory as given, a hub id resolved (downloaded when not cached)."""
+    from ..hub import resolve
+
+    return str(resolve(args.model, args.revision, config_only=config_only, log=log))
+
+
 def add_runtime(p) -> None:
-    """--model and --quant, then the compute flags: every command that scores with one model."""
-    p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer files)")
+    """--model, --revision and --quant, then the compute flags: every command that scores with one model."""
+    add_model(p)
     p.add_argument("--quant", choices=list(BNB), help="quantize a bf16 checkpoint with bitsandbytes "
                    "while loading (the no-calibration baseline)")
     add_compute(p)

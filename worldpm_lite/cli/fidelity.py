@@ -15,9 +15,10 @@ def add(sub) -> None:
                        "(all compared pairs, and those with a clear reference margin), label accuracy for "
                        "chosen/rejected data, Spearman, Pearson, Kendall tau per ranking prompt, mean/max absolute "
                        "error and the linear fit of candidate on reference scores.")
-    p.add_argument("--reference", required=True, help="the reference model directory (usually the bf16 one)")
-    p.add_argument("--candidate", required=True, action="append", help="a model directory to compare; repeat for "
-                   "more. bnb-nf4:DIR or bnb-int8:DIR loads a bf16 directory through bitsandbytes")
+    p.add_argument("--reference", required=True, help="the reference model (usually the bf16 one): a directory, or a "
+                   "hub id such as Qwen/WorldPM-72B (at a revision: Qwen/WorldPM-72B@REV)")
+    p.add_argument("--candidate", required=True, action="append", help="a model to compare (a directory or a hub "
+                   "id); repeat for more. bnb-nf4:MODEL or bnb-int8:MODEL loads a bf16 one through bitsandbytes")
     p.add_argument("--data", required=True, help="JSONL: conversations, chosen/rejected pairs or rankings")
     p.add_argument("--report", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--margin", type=float, default=0.5,

@@ -4,7 +4,7 @@ offload_plan.py), from config.json alone."""
 from __future__ import annotations
 
 from ..errors import UsageError
-from .common import flag_gpus, flag_size
+from .common import add_model, flag_gpus, flag_size, model_path
 
 
 def add(sub) -> None:
@@ -16,8 +16,8 @@ def add(sub) -> None:
                        "the rest streamed from pinned host memory behind compute, with the expected tokens/s and "
                        "its arithmetic. Exits 1 when it can run neither way, naming setups that would.",
                        epilog="example: worldpm-lite plan --model worldpm-72b --gpus 24GiB --host-memory 64GiB")
-    p.add_argument("--model", required=True, help="a model directory, or the preset worldpm-72b (WorldPM-72B's "
-                   "real dimensions; no files needed)")
+    add_model(p, "a hub id (only its config.json is downloaded), a model directory, or the preset worldpm-72b "
+              "(WorldPM-72B's real dimensions; no files needed)")
     p.add_argument("--gpus", required=True, help="memory of each GPU, comma-separated, e.g. 24GiB,24GiB")
     p.add_argument("--bits", type=int, choices=[4, 8, 16], help="plan for GPTQ 4/8-bit or bf16 (default: the "
                    "checkpoint's own; 4 for a preset)")
@@ -40,7 +40,12 @@ def run(args) -> int:
         raise UsageError(f"--batch-tokens: expected a positive integer, found {args.batch_tokens}")
     if (args.h2d_gbps or 1) <= 0 or (args.tflops or 1) <= 0:
         raise UsageError("--h2d-gbps, --tflops: expected positive numbers")
-    text, fits = plan_text(args.model, flag_gpus(args.gpus, "--gpus"), args.bits, args.batch_tokens,
+    from ..plan import PRESETS
+
+    if args.model.lower() in PRESETS and args.revision:
+        raise UsageError(f"--revision {args.revision}: only for a hub id; {args.model} is a preset")
+    model = args.model if args.model.lower() in PRESETS else model_path(args, config_only=True)
+    text, fits = plan_text(model, flag_gpus(args.gpus, "--gpus"), args.bits, args.batch_tokens,
                            flag_size(args.host_memory, "--host-memory"), args.h2d_gbps or H2D_GBPS,
                            args.tflops or TFLOPS)
     print(text)

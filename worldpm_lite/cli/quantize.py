@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..options import QuantizeSettings as Q
-from .common import log
+from .common import add_model, log, model_path
 
 
 def add(sub) -> None:
@@ -15,7 +15,8 @@ def add(sub) -> None:
                        "standard GPTQ checkpoint (qweight/qzeros/scales/g_idx; embeddings, norms and the reward head "
                        "stay unquantized). Peak memory is one layer plus the calibration activations, whatever the "
                        "depth. An interrupted run continues with --resume.")
-    p.add_argument("--model", required=True, help="source checkpoint directory (never modified)")
+    add_model(p, "the bf16 source: a hub id such as Qwen/WorldPM-72B (downloaded once into the Hugging Face cache) "
+              "or a checkpoint directory (never modified)")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--bits", type=int, choices=[4, 8], default=Q.bits, help=f"default: {Q.bits}")
     p.add_argument("--group-size", type=int, default=Q.group_size,
@@ -48,8 +49,9 @@ def run(args) -> None:
                  method=args.method, samples=args.samples, seq_len=args.seq_len, calibration=args.calibration,
                  device=args.device)
     log(describe(check_device(args.device)))
+    source = model_path(args)  # a hub id is downloaded first, with its own progress bars
     with tqdm(desc="quantizing layers", unit="layer", file=sys.stderr, dynamic_ncols=True, delay=1) as bar:
-        summary = quantize_checkpoint(args.model, args.out, settings, resume=args.resume, overwrite=args.overwrite,
+        summary = quantize_checkpoint(source, args.out, settings, resume=args.resume, overwrite=args.overwrite,
                                       log=lambda m: bar.write(m, file=sys.stderr), layer_bar=bar)
     gib = 1 << 30
     worst = max(summary["layers"], key=lambda r: r["output_rel_error"], default=None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..reference import PUBLISHED_72B, README_PAIR, SELFCHECK_ATOL, matches_published
-from .common import add_runtime, load_scorer, runtime_options
+from .common import add_runtime, load_scorer, model_path, runtime_options
 
 
 def add(sub) -> None:
@@ -16,7 +16,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    scorer = load_scorer(args.model, runtime_options(args))
+    scorer = load_scorer(model_path(args), runtime_options(args))
     scores = scorer.score(README_PAIR)
     print(f"README pair scores: [{scores[0]:.6f}, {scores[1]:.6f}]")
     from ..plan import WORLDPM_72B

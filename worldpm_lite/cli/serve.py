@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from ..errors import UsageError, require_extra
 from ..options import QUEUE_BYTES_PER_TOKEN
 from ..options import ServeOptions as S
 from ..serve.routes import help_text, startup_line
-from .common import add_runtime, load_scorer, log, runtime_options
+from .common import add_runtime, load_scorer, log, model_path, runtime_options
 from .score import worker_threads
 
 MIB = 1 << 20
@@ -82,7 +83,7 @@ def run(args) -> None:
         sock = bind(args.host, args.port)  # before the model loads: a taken port fails at once
     except OSError as e:
         raise UsageError(str(e)) from None
-    scorer = load_scorer(args.model, runtime_options(args))
+    scorer = load_scorer(model_path(args), runtime_options(args))
     app = create_app(scorer, model=args.model, options=limits)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -100,5 +101,8 @@ def run_replicas(args, limits: S) -> None:
     if args.replicas < 1 or args.cpus_per_replica < 0 or args.gpus_per_replica < 0:
         raise UsageError("--replicas: expected at least 1; --cpus-per-replica, --gpus-per-replica: at least 0")
     options = runtime_options(args, threads=worker_threads(args.cpus_per_replica))
-    serve_replicated(args.model, args.replicas, options, limits, args.host, args.port, args.gpus_per_replica,
+    from ..serve.app import served_names
+
+    limits = dataclasses.replace(limits, served_model_names=served_names(args.model, limits))  # not the folder's
+    serve_replicated(model_path(args), args.replicas, options, limits, args.host, args.port, args.gpus_per_replica,
                      args.cpus_per_replica, args.ray_address, log=log)

@@ -33,7 +33,9 @@ from worldpm_lite.checkpoint import (
     Checkpoint,
     CheckpointError,
     GPTQSpec,
+    changed_weights,
     file_sha256,
+    weight_stamps,
     write_json_atomic,
 )
 from worldpm_lite.devices import check_device
@@ -64,25 +66,7 @@ class Progress:
     fingerprint: str
     layers_done: int = 0
     layers: list[dict] = field(default_factory=list)  # per-layer log entries
-    sources: dict = field(default_factory=dict)  # source shard -> [bytes, mtime ns] (source_stamps)
-
-
-def source_stamps(src_dir: Path, shards) -> dict[str, list[int]]:
-    """Each source shard's size and modification time (ns). Reading every byte of a 143 GB source to
-    hash it would take minutes; a replaced or rewritten shard changes one of these."""
-    return {f: [st.st_size, st.st_mtime_ns] for f in sorted(set(shards)) for st in [(src_dir / f).stat()]}
-
-
-def changed_sources(src_dir: Path, saved: dict, now: dict) -> list[str]:
-    """The shards whose stamps differ between an interrupted run and now, in words."""
-    out = []
-    for f in sorted(set(saved) | set(now)):
-        a, b = saved.get(f), now.get(f)
-        if a is None or b is None:
-            out.append(f"{src_dir / f} ({'new' if a is None else 'gone'} since the run started)")
-        elif a != b:
-            out.append(f"{src_dir / f} (size {a[0]} -> {b[0]} bytes, modification time {a[1]} -> {b[1]} ns)")
-    return out
+    sources: dict = field(default_factory=dict)  # source shard -> [bytes, mtime ns] (checkpoint.weight_stamps)
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -135,7 +119,7 @@ def _progress(staging: Path, run_id: str, sources: dict, src_dir: Path, layers: 
         return progress
     saved = json.loads((staging / PROGRESS).read_text()) if (staging / PROGRESS).exists() else {}
     if saved.get("fingerprint") != run_id:
-        changed = changed_sources(src_dir, saved["sources"], sources) if saved.get("sources") else []
+        changed = changed_weights(src_dir, saved["sources"], sources) if saved.get("sources") else []
         if changed:
             raise InputError(f"{staging}: was started from another source checkpoint: {'; '.join(changed)}; "
                              "delete it or rerun with the original source")
@@ -213,7 +197,7 @@ def quantize_checkpoint(src_dir, out_dir, settings: QuantizeSettings, resume: bo
         if not name.startswith("model.layers.") and name != "model.embed_tokens.weight":
             check_finite(src, name, src.tensor(name))
     src.release()
-    sources = source_stamps(src_dir, src.weight_map.values())
+    sources = weight_stamps(src_dir)
     # the device as resolved: a GPU's run (its batches and arithmetic) has other bytes than a CPU's
     run_id = fingerprint([[file_sha256(src_dir / "config.json")],
                           [json.dumps(asdict(settings) | {"device": device}, sort_keys=True)],

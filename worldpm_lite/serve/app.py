@@ -63,9 +63,11 @@ def default_queue_tokens() -> int:
 
 
 def served_names(model: str, options: ServeOptions) -> tuple[str, ...]:
-    """The names answers report (the first) and requests may give: --served-model-name, else the
-    model folder's name; never a path."""
-    return options.served_model_names or (Path(model).name or "worldpm",)
+    """The names answers report (the first) and requests may give: --served-model-name, else the hub id
+    as given (what vLLM reports), else the model folder's name; never a path on disk."""
+    from ..hub import is_hub_id
+
+    return options.served_model_names or ((model,) if is_hub_id(model) else (Path(model).name or "worldpm",))
 
 
 class Service:
