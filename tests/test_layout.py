@@ -17,9 +17,9 @@ PACKAGE = ROOT / "worldpm_lite"
 
 # ARCHITECTURE.md's layers: a module imports from its own layer or below, never above.
 LAYERS = {
-    0: ("errors", "options", "reference", "kernels", "checkpoint", "chat", "data", "devices"),
+    0: ("errors", "options", "reference", "kernels", "checkpoint", "chat", "data", "devices", "hub"),
     1: ("quantize", "model", "qlinear", "packing", "offload"),
-    2: ("scorer", "plan", "offload_plan", "stream", "fidelity", "tiny", "instrument"),
+    2: ("scorer", "plan", "offload_plan", "stream", "blocks", "fidelity", "tiny", "instrument"),
     3: ("serve", "ray", "trl", "cli", "demo", "__main__"),
 }
 
@@ -176,3 +176,13 @@ def test_the_readme_lists_every_route():
     readme = (ROOT / "README.md").read_text()
     missing = [r.path for r in ROUTES if f"`{r.method} {r.path}`" not in readme and f"{r.path}`" not in readme]
     assert not missing, f"README.md does not list {missing}"
+
+
+def test_the_public_import_paths_of_the_readme_work():
+    """`from worldpm_lite import Scorer` (the package loads it lazily) and worldpm_lite.trl.WorldPMReward."""
+    code = ("import sys, worldpm_lite\nassert 'torch' not in sys.modules\n"
+            "from worldpm_lite import Scorer\nfrom worldpm_lite.scorer import Scorer as S\n"
+            "from worldpm_lite.trl import WorldPMReward\n"
+            "assert Scorer is S and callable(Scorer.from_pretrained) and callable(WorldPMReward)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr

@@ -1,28 +1,35 @@
-"""Scale-out with Ray Data (the optional extra `[ray]`): one data set scored by many workers, resumable.
+"""Scale-out with Ray (the optional extra `[ray]`): one data set scored by many workers, resumable, and
+finished even when some blocks cannot be scored.
 
 `worldpm-lite score --ray` (score_dataset) runs in four steps:
   1. Plan. The input (a JSONL or Parquet file, or a folder of them, on a filesystem every node
-     mounts) is cut into blocks of about --block-rows rows: JSONL files by byte range at line
-     boundaries, Parquet files by row group and by row range inside one. One large file therefore
-     spreads over every worker.
+     mounts) is cut into blocks of about --block-rows rows (blocks.py), so one large file spreads
+     over every worker.
   2. Check. A Ray task per block parses every row, counts and hashes them. A bad row is named by
      file and line (JSONL) or file and row (Parquet) before any scoring starts.
-  3. Score. Actors (ScoreParts, each loading the model once: give it GPUs with --gpus-per-worker)
-     take one block at a time and write its results to one part file,
+  3. Score. --workers Ray actors (ScoreParts, each loading the model once: give it GPUs with
+     --gpus-per-worker) take one block at a time and write its results to one part file,
      `part-BLOCK-rows-FIRST-LAST.jsonl` (rows counted from 0 in input order), through a temporary
      file and a rename. The driver sees only each part's name and counts, never the rows, and
-     records the finished parts in manifest.json as they come. Ray restarts a worker that dies
-     and runs its block again.
-  4. Output. `--output DIR/`: the folder is the result (plan.json, manifest.json with "complete",
-     the parts: the rows in input order when the parts are read in name order). `--output
-     FILE.jsonl|.parquet`: the parts go to `.FILE.parts/` beside it, are streamed together into
-     FILE at the end (for JSONL byte-identical to single-process `score`) and removed.
-A killed driver loses only the blocks in flight: `--resume` with the same settings and input skips
-every part the manifest holds. Other settings or a changed input are refused, naming what changed.
+     appends a record per finished part to manifest.jsonl. Ray does not restart or retry anything
+     by itself: when a worker dies with its block (a host OOM, a fatal CUDA error, a segfault) or a
+     block raises, the driver starts a fresh worker and gives the block another try, at most
+     --max-block-retries more. A block that fails every try is recorded as failed (file, lines or
+     rows, the last error) and the other blocks go on; so does a block with a row the model cannot
+     score (too long, a non-finite score), at its first try. The command then exits non-zero,
+     listing the failed blocks; `--resume` after a fix scores only what is missing.
+  4. Output. Before anything is called done, every planned block must have its part with the
+     plan's row count. `--output DIR/`: the folder is the result (plan.json, manifest.jsonl ending
+     in {"complete": ROWS}, the parts: the rows in input order when the parts are read in name
+     order). `--output FILE.jsonl|.parquet`: the parts go to `.FILE.parts/` beside it, are streamed
+     together into FILE at the end (for JSONL byte-identical to single-process `score`) and removed.
+A killed driver loses only the blocks in flight: `--resume` with the same settings, model weights and
+input skips every part the manifest holds. Other settings, replaced weights or a changed input are
+refused, naming what changed.
 
-`ScoreBatch` is the map_batches class for your own pipelines: each Ray actor loads one Scorer once
-and scores batches of rows in `score`'s request formats (a "text" column of JSONL lines, as
-`ray.data.read_text` gives them, or request columns as `ray.data.read_parquet` gives them) into a
+`ScoreBatch` is the map_batches class for your own Ray Data pipelines: each Ray actor loads one
+Scorer once and scores batches of rows in `score`'s request formats (a "text" column of JSONL lines,
+as `ray.data.read_text` gives them, or request columns as `ray.data.read_parquet` gives them) into a
 "result" column, each row's result as the JSON text `score` writes, id kept.
 
     ds = ray.data.read_parquet("s3://bucket/pairs/")
@@ -33,25 +40,44 @@ and scores batches of rows in `score`'s request formats (a "text" column of JSON
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from .chat import ConversationError
-from .checkpoint import file_sha256, write_json_atomic
-from .data import Request, RequestError, parse_line, parse_request, read_lines
+from .blocks import (
+    BLOCK_ROWS,
+    Manifest,
+    block_requests,
+    block_span,
+    check_block,
+    check_complete,
+    checked,
+    describe,
+    destination,
+    fingerprint,
+    input_files,
+    merge,
+    part_name,
+    plan_blocks,
+)
+from .checkpoint import model_identity, write_json_atomic
+from .data import Request, RequestError, parse_request
 from .errors import InputError, OutputExists
 from .options import RuntimeOptions
 
-PARQUET = (".parquet", ".pq")
-BLOCK_ROWS = 1000
-SAMPLE_BYTES = 1 << 20  # of a JSONL file, to estimate its bytes per row
+MAX_BLOCK_RETRIES = 3
+LISTED = 20  # failed blocks named in the error; the manifest holds them all
+WAIT_LOG_S = 60  # how often the driver says it waits for workers the cluster cannot place yet
+
+
+class BlocksFailed(InputError):
+    """Some blocks failed every try: the others are done and kept for --resume."""
 
 
 def load_scorer(model: str, options: RuntimeOptions):
@@ -101,27 +127,26 @@ class ScoreBatch:
             where, obj = ("line" if isinstance(row, str) else "row"), None
             try:
                 obj = json.loads(row) if isinstance(row, str) else {k: v for k, v in row.items() if v is not None}
-                requests.append((_describe(obj), parse_request(obj, where)))
+                requests.append((describe(obj), parse_request(obj, where)))
             except ValueError as e:  # JSONDecodeError, ConversationError
-                raise RequestError(f"{_describe(row if obj is None else obj)}: {e}") from None
+                raise RequestError(f"{describe(row if obj is None else obj)}: {e}") from None
         return {"result": _score(self.scorer, requests)[0]}
 
 
 class ScoreParts:
-    """The actor of `score --ray`: scores whole blocks of the plan, one part file each (see the module
-    docstring). folder: where the parts go (every node must see it)."""
+    """The actor of `score --ray`: loads the model once, then scores whole blocks of the plan, one part
+    file each (see the module docstring). folder: where the parts go (every node must see it). A test
+    or a pipeline of your own may subclass it and pass it as score_dataset's udf."""
 
     def __init__(self, model: str, folder: str, options: RuntimeOptions):
         self.scorer, self.folder = load_scorer(model, options), Path(folder)
 
-    def __call__(self, batch):
-        out = {k: [] for k in ("block", "part", "rows", "batches", "tokens", "seconds", "worker")}
-        for text in batch.column("block").to_pylist():
-            for k, v in self.score_block(json.loads(text)).items():
-                out[k].append(v)
-        return out
+    def ready(self) -> int:
+        """Answers once the model is loaded: its process id."""
+        return os.getpid()
 
     def score_block(self, block: dict) -> dict:
+        """Score one block into its part file (a temporary file, then a rename); its manifest record."""
         t0 = time.perf_counter()
         results, batches, tokens = _score(self.scorer, list(block_requests(block)))
         name = part_name(block)
@@ -131,206 +156,51 @@ class ScoreParts:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.folder / name)
-        return {"block": block["block"], "part": name, "rows": len(results), "batches": batches, "tokens": tokens,
-                "seconds": time.perf_counter() - t0, "worker": os.getpid()}
-
-
-def part_name(block: dict) -> str:
-    return f"part-{block['block']:05d}-rows-{block['first_row']}-{block['first_row'] + block['rows'] - 1}.jsonl"
-
-
-def _jsonl_lines(block: dict) -> Iterator[bytes]:
-    """The raw lines of a JSONL block (its byte range starts and ends at line boundaries)."""
-    with open(block["file"], "rb") as f:
-        f.seek(block["start"])
-        left = block["end"] - block["start"]
-        while left > 0 and (raw := f.readline(left)):
-            left -= len(raw)
-            yield raw
-
-
-def _parquet_rows(block: dict) -> Iterator[dict]:
-    """A Parquet block's rows as request objects (null columns left out)."""
-    import pyarrow.parquet as pq
-
-    table = pq.ParquetFile(block["file"]).read_row_group(block["group"]).slice(block["offset"], block["length"])
-    for row in table.to_pylist():
-        yield {k: v for k, v in row.items() if v is not None}
-
-
-def block_requests(block: dict) -> Iterator[tuple[str, Request]]:
-    """(where, request) for each row of a checked block: where is FILE:LINE or FILE: row N."""
-    if "start" in block:
-        for line in read_lines(block["file"], block["start"], block["first_line"] - 1, end=block["end"]):
-            yield f"{block['file']}:{line.number}", line.request
-    else:
-        for i, row in enumerate(_parquet_rows(block)):
-            yield f"{block['file']}: row {block['row'] + i + 1}", parse_request(row, "row")
-
-
-def check_block(block: dict) -> dict:
-    """Parse every row of a block: its rows, lines (JSONL), sha256 of its content, and the first bad
-    row as (its position in the block from 1, what is wrong) or None."""
-    digest, rows, lines, bad = hashlib.sha256(), 0, 0, None
-    if "start" in block:
-        for raw in _jsonl_lines(block):
-            lines += 1
-            digest.update(raw)
-            if raw.strip():
-                try:
-                    parse_line(raw)
-                except ConversationError as e:
-                    bad = (lines, str(e))
-                    break
-                rows += 1
-    else:
-        for row in _parquet_rows(block):
-            digest.update(json.dumps(row, sort_keys=True, default=str).encode())
-            try:
-                parse_request(row, "row")
-            except ConversationError as e:
-                bad = (rows + 1, str(e).removeprefix("row: "))
-                break
-            rows += 1
-    return {"rows": rows, "lines": lines, "sha256": digest.hexdigest(), "bad": bad}
-
-
-def input_files(input: str) -> list[Path]:
-    if "://" in input:
-        raise RequestError(f"--input {input}: --ray reads files from a filesystem every node mounts (NFS, a shared "
-                           "disk); copy the data there")
-    src = Path(input)
-    if src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.suffix in (".jsonl", *PARQUET) and not p.name.startswith("."))
-        if not files:
-            raise RequestError(f"--input {input}: no .jsonl or .parquet files in this folder")
-        return [f.resolve() for f in files]
-    if not src.is_file():
-        raise RequestError(f"--input {input}: no such file or folder")
-    return [src.resolve()]
-
-
-def plan_blocks(files: list[Path], block_rows: int) -> list[dict]:
-    """Blocks of about block_rows rows, in input order (see the module docstring)."""
-    import pyarrow.parquet as pq
-
-    blocks = []
-    for path in files:
-        if path.suffix in PARQUET:
-            try:
-                meta = pq.ParquetFile(path).metadata
-            except Exception as e:  # noqa: BLE001 - pyarrow's errors for a file that is not Parquet
-                raise RequestError(f"{path}: not a readable Parquet file ({e})") from None
-            row = 0
-            for g in range(meta.num_row_groups):
-                n = meta.row_group(g).num_rows
-                for offset in range(0, n, block_rows):
-                    length = min(block_rows, n - offset)
-                    blocks.append({"file": str(path), "group": g, "offset": offset, "length": length, "row": row})
-                    row += length
-        else:
-            blocks += [{"file": str(path), "start": a, "end": b} for a, b in _byte_ranges(path, block_rows)]
-    return blocks
-
-
-def _byte_ranges(path: Path, block_rows: int) -> list[tuple[int, int]]:
-    """A JSONL file cut after the first newline at or past every `step` bytes, step being block_rows
-    lines of the file's first MiB."""
-    size = path.stat().st_size
-    cuts = [0]
-    with open(path, "rb") as f:
-        sample = f.read(SAMPLE_BYTES)
-        step = max(1, len(sample) * block_rows // max(1, sample.count(b"\n")))
-        while cuts[-1] + step < size:
-            f.seek(cuts[-1] + step - 1)
-            f.readline()
-            if f.tell() >= size:
-                break
-            cuts.append(f.tell())
-    return list(zip(cuts, cuts[1:] + [size]))
-
-
-def _checked(blocks: list[dict], checks: list[dict]) -> list[dict]:
-    """The blocks with their rows, first line (JSONL), first output row and hash; the first bad row in
-    input order is raised, named by file and line or row. Blocks without rows are left out."""
-    lines: dict[str, int] = {}
-    out, row = [], 0
-    for b, c in zip(blocks, checks):
-        first_line = lines.get(b["file"], 0) + 1
-        if c["bad"] is not None:
-            at, why = c["bad"]
-            where = f"{b['file']}:{first_line + at - 1}" if "start" in b else f"{b['file']}: row {b['row'] + at}"
-            raise RequestError(f"{where}: {why}")
-        lines[b["file"]] = first_line - 1 + c["lines"]
-        if c["rows"]:
-            out.append(b | {"block": len(out), "rows": c["rows"], "first_row": row, "sha256": c["sha256"]}
-                       | ({"first_line": first_line, "lines": c["lines"]} if "start" in b else {}))
-            row += c["rows"]
-    if not out:
-        raise RequestError(f"{', '.join(sorted(lines)) or 'the input'}: no requests (the input is empty)")
-    return out
-
-
-def _fingerprint(files: list[Path]) -> list[dict]:
-    return [{"file": str(f), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
-
-
-def _destination(output: str) -> tuple[Path, Path | None]:
-    """(the parts folder, the single output file or None)."""
-    out = Path(output)
-    if output.endswith(("/", os.sep)) or out.is_dir():
-        if not out.absolute().parent.is_dir():
-            raise RequestError(f"--output {output}: folder {out.absolute().parent} does not exist")
-        return out, None
-    if out.suffix not in (".jsonl", *PARQUET):
-        raise RequestError(f"--output {output}: expected a .jsonl or .parquet file name, or a folder (ending in /) "
-                           "for part files")
-    if not out.absolute().parent.is_dir():
-        raise RequestError(f"--output {output}: folder {out.absolute().parent} does not exist")
-    return out.with_name(f".{out.name}.parts"), out
+        return {"part": block["block"], "name": name, "rows": len(results), "batches": batches, "tokens": tokens,
+                "seconds": round(time.perf_counter() - t0, 3), "worker": os.getpid()}
 
 
 def score_dataset(input: str, output: str, model: str, workers: int, address: str | None = None,
                   gpus_per_worker: float = 0, cpus_per_worker: float = 1, block_rows: int = BLOCK_ROWS,
                   resume: bool = False, scorer_args: RuntimeOptions | dict | None = None,
-                  log: Callable[[str], None] = print,
-                  progress: bool = False, udf: type = ScoreParts) -> int:
+                  log: Callable[[str], None] = print, progress: bool = False, udf: type = ScoreParts,
+                  max_block_retries: int = MAX_BLOCK_RETRIES) -> int:
     """Score every row of `input` into `output` (a folder, or one .jsonl / .parquet file) with `workers`
-    Ray actors, each running the model as scorer_args say (RuntimeOptions, or a dict of its fields);
-    returns the number of rows. See the module docstring."""
+    Ray actors, each running the model (a local folder) as scorer_args say (RuntimeOptions, or a dict
+    of its fields); returns the number of rows. BlocksFailed when some blocks failed every try. See
+    the module docstring."""
     import ray
 
     files = input_files(input)
-    folder, final = _destination(output)
+    folder, final = destination(output)
     options = RuntimeOptions.of(scorer_args)
     if not (Path(model) / "config.json").is_file():
         raise RequestError(f"--model {model}: no config.json there (expected a checkpoint folder)")
-    settings = json.loads(json.dumps({"model": str(Path(model).resolve()), "config_sha256": file_sha256(
-        Path(model) / "config.json"), **{k: v for k, v in asdict(options).items() if k != "threads"}}))
+    settings = json.loads(json.dumps({**model_identity(model),
+                                      **{k: v for k, v in asdict(options).items() if k != "threads"}}))
     if final is not None and final.exists():
         if resume and not folder.exists():
             log(f"--resume: {final} is complete and no interrupted run is there; nothing to do (delete it to score "
                 "again)")
             return 0
         raise OutputExists(f"--output {output}: already exists (delete it to score again)")
-    plan_file, manifest_file = folder / "plan.json", folder / "manifest.json"
+    plan_file = folder / "plan.json"
     interrupted = plan_file.exists()
     if interrupted and not resume:
         raise OutputExists(f"--output {output}: an interrupted run's parts are in {folder} (pass --resume to "
-                              "continue it, or delete it)" if final or not _manifest(manifest_file)["complete"]
-                              else f"--output {output}: already complete (delete it to score again)")
+                           "continue it, or delete it)" if final or _manifest(folder).complete is None
+                           else f"--output {output}: already complete (delete it to score again)")
     if not interrupted and folder.exists() and any(folder.iterdir()):
         raise OutputExists(f"--output {output}: {folder} holds files but no plan.json: not a worldpm-lite parts "
-                              "folder (choose an empty or new folder)")
+                           "folder (choose an empty or new folder)")
     init_ray(address)
     log(f"ray: {ray.cluster_resources()}")
     cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus_per_worker and workers * cpus_per_worker > cpus - 1:
-        # Ray Data needs a CPU slot beside the workers; workers holding every slot would wait forever
-        cpus_per_worker = max(0.01, (cpus - 1) / workers)
-        log(f"ray: {workers} workers on {cpus:g} CPUs: each reserves {cpus_per_worker:.2f} CPU so Ray Data keeps one")
+    if cpus_per_worker and workers * cpus_per_worker > cpus:
+        cpus_per_worker = cpus / workers  # more than the cluster holds: some workers would wait for ever
+        log(f"ray: {workers} workers on {cpus:g} CPUs: each reserves {cpus_per_worker:.2f} CPU")
     if interrupted:
-        plan = _resumable(plan_file, settings, files, ray)
+        plan = _resumable(plan_file, settings, files, ray, log)
         log(f"--resume: {len(plan['blocks'])} blocks of up to {plan['block_rows']} rows, as planned by the "
             f"interrupted run{'' if block_rows == plan['block_rows'] else f' (--block-rows {block_rows} is not used)'}")
     else:
@@ -339,24 +209,30 @@ def score_dataset(input: str, output: str, model: str, workers: int, address: st
         plan = _plan(files, block_rows, settings, ray, log)
         folder.mkdir(exist_ok=True)
         write_json_atomic(plan_file, plan)
-        write_json_atomic(manifest_file, {"complete": False, "rows": 0, "parts": {}})
     blocks = plan["blocks"]
-    manifest = _manifest(manifest_file)
-    parts = {int(k): v for k, v in manifest["parts"].items() if (folder / v["part"]).exists()}
-    for stale in folder.glob(".part-*.tmp"):  # a worker's unfinished part from a killed run
-        stale.unlink()
-    todo = [b for b in blocks if b["block"] not in parts]
-    total = sum(b["rows"] for b in blocks)
-    if parts:
-        log(f"--resume: {len(parts)} of {len(blocks)} parts ({sum(p['rows'] for p in parts.values())} rows) are done; "
-            f"scoring the other {len(todo)}")
-    if todo:
-        _run(ray, todo, folder, model, workers, cpus_per_worker, gpus_per_worker, options, udf, manifest,
-             manifest_file, parts, total, progress)
-    manifest.update(complete=True, rows=total)
-    write_json_atomic(manifest_file, manifest)
+    manifest = _manifest(folder)
+    try:
+        parts = {k: v for k, v in manifest.parts.items() if (folder / v["name"]).exists()}
+        for stale in folder.glob(".part-*.tmp"):  # a worker's unfinished part from a killed run
+            stale.unlink()
+        todo = [b for b in blocks if b["block"] not in parts]
+        total = sum(b["rows"] for b in blocks)
+        if parts or manifest.failed:
+            log(f"--resume: {len(parts)} of {len(blocks)} parts ({sum(p['rows'] for p in parts.values())} rows) are "
+                f"done; scoring the other {len(todo)}"
+                + (f", {len(manifest.failed)} of them failed before" if manifest.failed else ""))
+        if todo:
+            failed = _run(ray, todo, folder, model, workers, cpus_per_worker, gpus_per_worker, options, udf,
+                          manifest, total - sum(b["rows"] for b in todo), total, progress, max_block_retries, log)
+            if failed:
+                raise _failures(failed, len(blocks), output)
+        check_complete(folder, blocks, manifest.parts)
+        if manifest.complete is None:
+            manifest.add({"complete": total})
+    finally:
+        manifest.close()
     if final is not None:
-        _merge(folder, [parts[b["block"]]["part"] for b in blocks], final)
+        merge(folder, [part_name(b) for b in blocks], final)
         shutil.rmtree(folder)
     return total
 
@@ -379,34 +255,41 @@ def init_ray(address: str | None) -> bool:
 def _plan(files: list[Path], block_rows: int, settings: dict, ray, log) -> dict:
     t0 = time.perf_counter()
     blocks = plan_blocks(files, block_rows)
-    blocks = _checked(blocks, ray.get([_check_task(ray).remote(b) for b in blocks]))
+    blocks = checked(blocks, _check_all(ray, blocks))
     log(f"ray: checked {sum(b['rows'] for b in blocks)} rows of {len(files)} file(s) in {time.perf_counter() - t0:.1f} "
         f"s: {len(blocks)} blocks of up to {block_rows} rows")
-    return {"settings": settings, "input": _fingerprint(files), "block_rows": block_rows, "blocks": blocks}
+    return {"settings": settings, "input": fingerprint(files), "block_rows": block_rows, "blocks": blocks}
 
 
-def _check_task(ray):
-    return ray.remote(num_cpus=1, max_retries=3)(check_block)
+def _check_all(ray, blocks: list[dict]) -> list[dict]:
+    """check_block of every block, as Ray tasks of one remote function (a function made remote per
+    block is exported per block: planning 3,000 blocks took 89 s, 10,000 now take 15 s)."""
+    task = ray.remote(num_cpus=1, max_retries=3)(check_block)
+    return ray.get([task.remote(b) for b in blocks])
 
 
-def _manifest(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {"complete": False, "rows": 0, "parts": {}}  # killed before its first record: nothing is done
+def _manifest(folder: Path) -> Manifest:
+    """The parts folder's manifest.jsonl; a manifest.json of a run started by worldpm-lite before the
+    log of records (wave 3) is taken into it first."""
+    manifest, old = Manifest(folder / "manifest.jsonl"), folder / "manifest.json"
+    if old.exists():
+        saved = json.loads(old.read_text())
+        for k, v in saved.get("parts", {}).items():
+            manifest.add({"part": int(k), "name": v["part"], **{f: x for f, x in v.items() if f != "part"}})
+        if saved.get("complete"):
+            manifest.add({"complete": saved["rows"]})
+        old.unlink()
+    return manifest
 
 
-def _resumable(plan_file: Path, settings: dict, files: list[Path], ray) -> dict:
-    """The interrupted run's plan, after checking that its settings and input are those of this run."""
+def _resumable(plan_file: Path, settings: dict, files: list[Path], ray, log) -> dict:
+    """The interrupted run's plan, after checking that its settings, model and input are those of this run."""
+    from .stream import refuse_other_settings
+
     plan = json.loads(plan_file.read_text())
-    saved = plan["settings"]
-    changed = sorted(k for k in set(settings) | set(saved) if settings.get(k) != saved.get(k))
-    if changed:
-        raise InputError(f"{plan_file}: the interrupted run used other settings ({', '.join(changed)}: "
-                         f"{[saved.get(k) for k in changed]}, now {[settings.get(k) for k in changed]}); rerun with "
-                         f"those, or delete {plan_file.parent} to start over")
+    refuse_other_settings(plan["settings"], settings, plan_file, str(plan_file.parent), log)
     was = {f["file"]: f for f in plan["input"]}
-    now = {f["file"]: f for f in _fingerprint(files)}
+    now = {f["file"]: f for f in fingerprint(files)}
     if set(was) != set(now):
         raise InputError(f"{plan_file}: the input's files changed since the interrupted run (then: "
                          f"{sorted(was)}; now: {sorted(now)}); delete {plan_file.parent} to start over")
@@ -415,121 +298,126 @@ def _resumable(plan_file: Path, settings: dict, files: list[Path], ray) -> dict:
             raise InputError(f"{name}: changed since the interrupted run ({was[name]['size']} bytes then, {f['size']} "
                              f"now); delete {plan_file.parent} to start over")
     touched = [b for b in plan["blocks"] if now[b["file"]]["mtime_ns"] != was[b["file"]]["mtime_ns"]]
-    for b, c in zip(touched, ray.get([_check_task(ray).remote(b) for b in touched])):
+    for b, c in zip(touched, _check_all(ray, touched)):
         if c["bad"] is not None or (c["rows"], c["sha256"]) != (b["rows"], b["sha256"]):
-            where = (f"lines {b['first_line']}-{b['first_line'] + b['lines'] - 1}" if "start" in b
-                     else f"rows {b['row'] + 1}-{b['row'] + b['length']}")
             raise InputError(f"{b['file']}: its content changed since the interrupted run (block {b['block']}, "
-                             f"{where}); delete {plan_file.parent} to start over")
-    if touched:
-        plan["input"] = list(now.values())  # same content, newer times: checked once
+                             f"{block_span(b)}); delete {plan_file.parent} to start over")
+    if touched or "weights" not in plan["settings"]:
+        plan["input"], plan["settings"] = list(now.values()), settings  # same content, newer times: checked once
         write_json_atomic(plan_file, plan)
     return plan
 
 
-def _run(ray, todo, folder, model, workers, cpus_per_worker, gpus_per_worker, options, udf, manifest,
-         manifest_file, parts, total, progress) -> None:
-    """Score the blocks in `todo` on the actor pool, recording each finished part in the manifest."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours counts rows
-    ds = ray.data.from_items([{"block": json.dumps(b)} for b in todo], override_num_blocks=len(todo))
-    scored = ds.map_batches(udf, fn_constructor_kwargs={"model": str(model), "folder": str(folder.resolve()),
-                                                        "options": options},
-                            batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_worker,
-                            num_gpus=gpus_per_worker or None,
-                            compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo)),
-                                                               max_tasks_in_flight_per_actor=1))
+def _run(ray, todo, folder, model, workers, cpus_per_worker, gpus_per_worker, options, udf, manifest, done, total,
+         progress, retries, log) -> list[dict]:
+    """Score the blocks in `todo` on `workers` actors, one block in flight on each, appending each part's
+    record to the manifest; returns the failed blocks' records. A worker that dies is replaced by a
+    fresh one; a worker that cannot load the model stops the run (InputError)."""
     from .stream import progress_bar
 
-    bar = progress_bar(total, sum(p["rows"] for p in parts.values())) if progress else None
+    actor = ray.remote(udf).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None, max_restarts=0,
+                                    max_task_retries=0)
+    args = (str(model), str(folder.resolve()), options)
+    queue, tries, failed = deque(todo), {}, []
+    pending = {}  # object ref -> (the actor, its block, or None for the actor's ready call)
+
+    def start() -> None:
+        a = actor.remote(*args)
+        pending[a.ready.remote()] = (a, None)
+
+    def give(a) -> None:
+        if queue:
+            b = queue.popleft()
+            pending[a.score_block.remote(b)] = (a, b)
+        else:
+            ray.kill(a)
+
+    for _ in range(min(workers, len(todo))):
+        start()
+    bar = progress_bar(total, done) if progress else None
+    waited = time.monotonic()
     try:
-        for row in scored.iter_rows():
-            parts[int(row["block"])] = {"part": str(row["part"]), "seconds": float(row["seconds"]),
-                                        **{k: int(row[k]) for k in ("rows", "batches", "tokens", "worker")}}
-            manifest["parts"] = {str(k): parts[k] for k in sorted(parts)}
-            write_json_atomic(manifest_file, manifest)
-            if bar is not None:
-                bar.update(int(row["rows"]))
-    except ray.exceptions.RayTaskError as e:  # a bad row, raised in a worker: what it was, not Ray's trace
-        found = re.search(r"RequestError: (.+)", str(e))
-        if found is None:
-            raise
-        raise RequestError(f"{found.group(1)} (the parts before it are kept for --resume)") from None
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_LOG_S)
+            if not ready:
+                _say_waiting(ray, pending, cpus_per_worker, gpus_per_worker, waited, log)
+                continue
+            a, block = pending.pop(ready[0])
+            try:
+                record = ray.get(ready[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                error, fresh, cause = _block_error(ray, e, block, model)
+            else:
+                if block is not None:
+                    manifest.add(record)
+                    if bar is not None:
+                        bar.update(record["rows"])
+                give(a)
+                continue
+            n = tries[block["block"]] = tries.get(block["block"], 0) + 1
+            span = block_span(block)
+            if n > retries or isinstance(cause, RequestError):  # a row the model cannot score: no try will
+                failed.append({"failed": block["block"], "file": block["file"], "where": span, "attempts": n,
+                               "error": error})
+                manifest.add(failed[-1])
+            else:
+                log(f"ray: block {block['block']} ({block['file']} {span}), try {n} of {retries + 1} failed: {error}; "
+                    "trying again")
+                queue.appendleft(block)
+            if fresh:
+                ray.kill(a)
+                if queue:
+                    start()
+            else:
+                give(a)
     finally:
         if bar is not None:
             bar.close()
+        for a, _ in pending.values():
+            ray.kill(a)
+    return failed
 
 
-def _merge(folder: Path, names: list[str], final: Path) -> None:
-    """The parts, in order, streamed into `final` through a temporary file: JSONL byte for byte,
-    Parquet through _writer, 1024 rows at a time."""
-    tmp = final.with_name(f".{final.name}.partial")
-    try:
-        if final.suffix not in PARQUET:
-            with open(tmp, "wb") as out:
-                for name in names:
-                    with open(folder / name, "rb") as f:
-                        shutil.copyfileobj(f, out, 1 << 22)
-                out.flush()
-                os.fsync(out.fileno())
-        else:
-            with _writer(tmp, final.suffix) as write:
-                for name in names:
-                    with open(folder / name, encoding="utf-8") as f:
-                        while chunk := [line.rstrip("\n") for _, line in zip(range(1024), f)]:
-                            write(chunk)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _block_error(ray, e: Exception, block: dict | None, model: str) -> tuple[str, bool, Exception | None]:
+    """A failed call's error in words, whether its worker is gone (a fresh one is needed) and the
+    exception the block raised, if it raised one. A worker that could not load the model (`block`
+    None: its ready call) stops the run: InputError."""
+    if isinstance(e, ray.exceptions.RayActorError):  # the worker's process is gone
+        if block is None:
+            raise InputError(f"a Ray worker died while loading {model}: {_ray_error(e)}") from None
+        return f"the worker died: {_ray_error(e)}", True, None
+    cause = getattr(e, "cause", None)  # raised by the block (or the constructor)
+    error = (str(cause) if isinstance(cause, InputError) else f"{type(cause).__name__}: {cause}" if cause
+             else _ray_error(e))
+    if block is None:
+        raise InputError(f"a Ray worker could not load {model}: {error}") from None
+    return error, False, cause
 
 
-def _describe(row) -> str:
-    if isinstance(row, dict) and row.get("id") is not None:
-        return f"the row with id {row['id']!r}"
-    text = row if isinstance(row, str) else json.dumps(row, ensure_ascii=False, default=str)
-    return f"the row {text[:80]!r}{'...' if len(text) > 80 else ''}"
+def _say_waiting(ray, pending, cpus, gpus, since, log) -> None:
+    """A line saying the driver waits for workers the cluster has not placed (and what they need)."""
+    starting = sum(b is None for _, b in pending.values())
+    if starting == len(pending):
+        log(f"ray: waiting {time.monotonic() - since:.0f} s for {starting} worker(s) to start and load the model "
+            f"(each needs {cpus:g} CPU{f', {gpus:g} GPU' if gpus else ''}; the cluster has "
+            f"{ray.available_resources()} free)")
 
 
-class _writer:
-    """Appends JSON result texts to a JSONL file, or their fields to a Parquet file (`preferred` as
-    text: "chosen"/"rejected" for pairs, the index for rankings; the id column's type from the first
-    batch)."""
+def _ray_error(e: Exception) -> str:
+    """Ray's error in one line: for a worker that failed in its constructor, the exception its traceback
+    ends with; for a dead worker, why Ray says it died (its pid, the exit type and detail)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("class_name:", "actor_id:", "namespace:"))]
+    if getattr(e, "actor_init_failed", False) and lines:
+        return lines[-1]
+    text = " ".join(lines)
+    return text[:400] + ("..." if len(text) > 400 else "")
 
-    def __init__(self, path: Path, suffix: str):
-        self.path, self.parquet = path, suffix in PARQUET
-        self.file = self.writer = None
 
-    def __enter__(self):
-        if not self.parquet:
-            self.file = open(self.path, "w", encoding="utf-8")
-        return self.write
-
-    def write(self, results: list[str]) -> None:
-        if not self.parquet:
-            self.file.write("".join(r + "\n" for r in results))
-            return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = [json.loads(r) for r in results]
-        for r in rows:
-            if "preferred" in r:
-                r["preferred"] = str(r["preferred"])
-        if self.writer is None:
-            fields = [("score", pa.float64()), ("chosen_score", pa.float64()), ("rejected_score", pa.float64()),
-                      ("scores", pa.list_(pa.float64())), ("preferred", pa.string())]
-            ids = [r["id"] for r in rows if "id" in r]
-            if ids:
-                fields.insert(0, ("id", pa.array(ids).type))
-            self.schema = pa.schema(fields)
-            self.writer = pq.ParquetWriter(self.path, self.schema)
-        self.writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-        return False
+def _failures(failed: list[dict], blocks: int, output: str) -> BlocksFailed:
+    lines = [f"  block {f['failed']}: {f['file']} {f['where']} ({f['attempts']} "
+             f"{'try' if f['attempts'] == 1 else 'tries'}): {f['error']}" for f in failed[:LISTED]]
+    more = f"\n  ... and {len(failed) - LISTED} more" if len(failed) > LISTED else ""
+    return BlocksFailed(f"--output {output}: {len(failed)} of {blocks} blocks failed; the other parts are kept. Fix "
+                        "the cause, then rerun with --resume to score only what is missing (manifest.jsonl lists "
+                        "every failed block):\n" + "\n".join(lines) + more)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError, require_extra
-from .common import add_runtime, load_scorer, log, runtime_options
+from .common import add_runtime, load_scorer, log, model_path, runtime_options
 
 
 def add(sub) -> None:
@@ -30,11 +30,13 @@ def add(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last recorded line, "
                    "or with --ray from its finished parts (same model, options and input; ends byte-identical to an "
                    "uninterrupted run)")
-    p.add_argument("--ray", action="store_true", help="score with Ray Data on --workers actors, each holding the "
+    p.add_argument("--ray", action="store_true", help="score with Ray on --workers actors, each holding the "
                    "model (needs the [ray] extra). --input: JSONL or Parquet, a file or a folder of them, on a "
-                   "filesystem every node mounts; split into blocks of --block-rows rows. --output DIR/: one part file "
-                   "per block plus manifest.json; --output FILE.jsonl|.parquet: the parts joined in input order, ids "
-                   "kept. A lost driver continues with --resume, skipping the finished parts")
+                   "filesystem every node mounts (so must --model be, or a hub id's HF_HUB_CACHE); split into blocks "
+                   "of --block-rows rows. --output DIR/: one part file per block plus manifest.jsonl; --output "
+                   "FILE.jsonl|.parquet: the parts joined in input order, ids kept. A lost driver continues with "
+                   "--resume, skipping the finished parts; blocks that failed every try are listed, the run exits 2, "
+                   "and --resume after a fix scores only them")
     p.add_argument("--ray-address", help="with --ray: a running cluster (e.g. ray://head:10001 or auto; default: "
                    "start a local one on this machine)")
     p.add_argument("--workers", type=int, default=1, help="with --ray: actors, each loading the model (default: 1)")
@@ -44,6 +46,9 @@ def add(sub) -> None:
                    "threads (default: 1)")
     p.add_argument("--block-rows", type=int, default=1000, help="with --ray: rows per block, the unit a worker "
                    "takes and --resume skips (default: 1000)")
+    p.add_argument("--max-block-retries", type=int, default=3, help="with --ray: tries after the first for a block "
+                   "whose worker dies (a host OOM, a fatal CUDA error) or that raises, each on a fresh worker; then "
+                   "the block is recorded as failed and the others go on (default: 3)")
     p.set_defaults(run=run)
 
 
@@ -54,8 +59,9 @@ def run(args) -> None:
 
     if args.resume and not args.output:
         raise UsageError("--resume: needs --output (results on standard output cannot be resumed)")
-    scorer = load_scorer(args.model, runtime_options(args))
-    n = score_file(scorer, args.input, args.output, score_settings(scorer, args.model), resume=args.resume, log=log)
+    model = model_path(args)
+    scorer = load_scorer(model, runtime_options(args))
+    n = score_file(scorer, args.input, args.output, score_settings(scorer, model), resume=args.resume, log=log)
     if args.output:
         log(f"wrote {n} results to {args.output}")
 
@@ -66,12 +72,14 @@ def run_ray(args) -> None:
 
     if not args.output:
         raise UsageError("--ray: needs --output: a folder (ending in /) for part files, or one .jsonl or .parquet file")
-    if args.workers < 1 or args.cpus_per_worker < 0 or args.gpus_per_worker < 0 or args.block_rows < 1:
-        raise UsageError("--workers, --block-rows: expected at least 1; --cpus-per-worker, --gpus-per-worker: at "
-                         "least 0")
+    if args.workers < 1 or args.block_rows < 1 or min(args.cpus_per_worker, args.gpus_per_worker,
+                                                        args.max_block_retries) < 0:
+        raise UsageError("--workers, --block-rows: expected at least 1; --cpus-per-worker, --gpus-per-worker, "
+                         "--max-block-retries: at least 0")
     options = runtime_options(args, threads=worker_threads(args.cpus_per_worker))
-    n = score_dataset(args.input, args.output, args.model, args.workers, args.ray_address, args.gpus_per_worker,
-                      args.cpus_per_worker, args.block_rows, args.resume, scorer_args=options, log=log, progress=True)
+    n = score_dataset(args.input, args.output, model_path(args), args.workers, args.ray_address, args.gpus_per_worker,
+                      args.cpus_per_worker, args.block_rows, args.resume, scorer_args=options, log=log, progress=True,
+                      max_block_retries=args.max_block_retries)
     log(f"wrote {n} results to {args.output}")
 
 
