@@ -141,8 +141,8 @@ def held_in_flight(url: str, n: int) -> dict[str, float]:
 def refused(url: str) -> bool:
     try:
         httpx.get(f"{url}/health", timeout=60)
-    except httpx.ConnectError:
-        return True
+    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+        return True  # refused, or reset as the listener closed with it queued: not served
     return False
 
 

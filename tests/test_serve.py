@@ -322,8 +322,10 @@ def test_sigterm_answers_requests_in_flight_then_exits(small_dir, scorer, tmp_pa
         while True:  # the listener closes once the signal is handled; until then /health still answers
             try:
                 httpx.get(f"{u}/health", timeout=10)
-            except httpx.ConnectError:
-                break  # a connection after the signal: refused
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                # a connection after the signal: refused, or reset when the kernel had queued it on the
+                # listener just as it closed (seen with both cores busy): either way, not served
+                break
             assert time.monotonic() < deadline, "still accepting connections 60 s after SIGTERM"
             time.sleep(0.01)
         assert not outcome  # the accepted requests are still waiting for the model, not dropped
