@@ -75,7 +75,8 @@ class Request:
 
 class FakeHub(ThreadingHTTPServer):
     """`with FakeHub() as hub:` serves hub.repos (repo id -> Repo) at hub.url from a thread; hub.log lists
-    the requests; hub.cuts[path] = n makes the next full GET of that file send n bytes, then hang up."""
+    the requests; hub.cuts[path] = n makes the next full GET of that file send n bytes, then hang up;
+    hub.stalls[path] = n: send n bytes, then wait (up to a minute) for hub.release to be set."""
 
     daemon_threads = False  # server_close() joins the handler threads
     block_on_close = True
@@ -85,6 +86,8 @@ class FakeHub(ThreadingHTTPServer):
         self.repos: dict[str, Repo] = {}
         self.log: list[Request] = []
         self.cuts: dict[str, int] = {}
+        self.stalls: dict[str, int] = {}
+        self.release = threading.Event()
         self._blobs: dict[tuple[str, int], tuple[bytes, dict]] = {}  # repos share large files: hashed once
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self._thread = threading.Thread(target=self.serve_forever, name="fakehub", daemon=True)
@@ -200,8 +203,14 @@ class Handler(BaseHTTPRequestHandler):
             start = int(m[1])
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start:]
-        cut = self.server.cuts.pop(path, None) if self.command == "GET" and not rng else None
+        full_get = self.command == "GET" and not rng
+        cut = self.server.cuts.pop(path, None) if full_get else None
+        stall = self.server.stalls.pop(path, None) if full_get else None
+        cut = stall if stall is not None else cut
         self.send(206 if rng else 200, body if cut is None else body[:cut], headers, length=len(body))
+        if stall is not None:
+            self.wfile.flush()
+            self.server.release.wait(60)
         if cut is not None:
             self.close_connection = True  # Content-Length promised more: the client sees a broken transfer
 
@@ -241,4 +250,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body) if length is None else length))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client is gone (a killed download)
+                self.close_connection = True

@@ -10,6 +10,8 @@ import re
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -72,6 +74,7 @@ def hub(model_files):
             "acme/nohead": Repo(edited(model_files, INDEX_FILE, headless)),
         })
         yield server
+        server.release.set()  # a stalled transfer ends: its handler thread can be joined
         close_session()  # its kept-alive connections: the handler threads end, the server closes
 
 
@@ -94,6 +97,8 @@ def hf(hub, tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     hub.log.clear()
     hub.cuts.clear()
+    hub.stalls.clear()
+    hub.release.clear()
     return hub
 
 
@@ -162,6 +167,49 @@ def test_a_cut_download_resumes_in_the_same_call(hf, small_dir):
     assert (path / shard).read_bytes() == data
     blobs = path.parents[1] / "blobs"
     assert not [p.name for p in blobs.iterdir() if p.name.endswith(".incomplete")]
+
+
+def test_a_killed_download_leaves_no_partial_file_behind_the_next_run(hf, small_dir, tmp_path, capsys):
+    """huggingface_hub names each attempt's partial file anew and never takes an old one up: the next
+    run removes what a killed one left (once nothing has written to it for STALE_PARTIAL_S) and fetches
+    the file again; what the killed run finished is not fetched again."""
+    shard = max(json.loads((small_dir / INDEX_FILE).read_text())["weight_map"].values(),
+                key=lambda f: (small_dir / f).stat().st_size)
+    hf.stalls[shard] = 12 << 20  # more than one 10 MiB chunk of the client's: a partial file on disk
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(HF_HUB_CACHE=constants.HF_HUB_CACHE, HF_HOME=str(tmp_path / "hf_home"), HF_ENDPOINT=hf.url,
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+    proc = subprocess.Popen([sys.executable, "-c", "from worldpm_lite.hub import resolve; resolve('acme/small')"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    blobs = Path(constants.HF_HUB_CACHE) / "models--acme--small" / "blobs"
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in blobs.glob("*.incomplete") if p.stat().st_size >= 10 << 20]:
+            assert proc.poll() is None and time.monotonic() < deadline, "no partial download appeared"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+        hf.release.set()
+    partials = list(blobs.glob("*.incomplete"))  # the stalled shard's, and any other cut by the kill
+    fresh = blobs / "0123abcd.5678ef01.incomplete"  # another run's, being written to now: kept
+    fresh.write_bytes(b"\0" * 1024)
+    old = time.time() - hub_module.STALE_PARTIAL_S - 60
+    for p in partials:
+        os.utime(p, (old, old))
+    size = sum(p.stat().st_size for p in partials)
+    done = {p.name for p in blobs.iterdir() if not p.name.endswith(".incomplete")}
+    hf.log.clear()
+    capsys.readouterr()
+    assert main(["plan", "--model", "acme/small", "--gpus", "24GiB"]) == 0  # config only: nothing removed
+    assert all(p.exists() for p in partials)
+    path = resolve("acme/small", log=lambda m: print(m))
+    assert not any(p.exists() for p in partials) and fresh.exists()
+    assert (f"removed {len(partials)} partial download(s) of an interrupted run ({size / 1e9:.2f} GB)"
+            in capsys.readouterr().out)
+    assert (path / shard).read_bytes() == (small_dir / shard).read_bytes()
+    fetched = {r.path.rsplit("/", 1)[-1] for r in hf.log if r.method == "GET" and "/resolve/" in r.path}
+    assert shard in fetched and not done & {(path / f).resolve().name for f in fetched}  # finished: not again
 
 
 def test_offline_and_unreachable_hub_use_the_cache(hf, small_dir, tmp_path, monkeypatch):

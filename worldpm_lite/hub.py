@@ -4,7 +4,8 @@ for `plan`; else config.json, the tokenizer files, the shard index and the shard
 single model.safetensors), never a repository's other formats or folders. huggingface_hub's own rules
 apply: its cache (HF_HUB_CACHE, HF_HOME), HF_HUB_OFFLINE=1 (the cache only), HF_TOKEN (gated or private
 repos), HF_ENDPOINT (a mirror), its progress bars, and its retries (a download cut midway goes on from
-what it wrote, in the same call).
+what it wrote, in the same call). A run killed midway keeps the files it finished; the next run fetches
+only the others, and first removes the partial files the killed one left (clear_stale_partials).
 
 A local directory of the same spelling always wins, as in transformers. Before any weight is downloaded,
 config.json and the shard index come first: a repo that is not a WorldPM-architecture reward model is
@@ -19,6 +20,7 @@ import importlib
 import json
 import re
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,6 +58,7 @@ def resolve(model: str, revision: str | None = None, config_only: bool = False, 
     files = model_files(path)
     missing = [f for f in files if f.endswith(".safetensors") and not (path / f).is_file()]
     if missing and not hub.constants.HF_HUB_OFFLINE:
+        clear_stale_partials(hub, model, log)
         check_room(hub, model, revision, commit, files, path)
     if log is not None:
         log(f"{model}: {'downloading' if missing else 'cached'} at {path}")
@@ -149,6 +152,32 @@ def check_architecture(model: str, path: Path) -> None:
         if missing:
             raise InputError(f"{model}: its shard index has no reward head ({', '.join(missing)} missing): not a "
                              "WorldPM reward model")
+
+
+STALE_PARTIAL_S = 600  # a partial download not written to for this long belongs to no running download
+
+
+def clear_stale_partials(hub, model: str, log=None) -> int:
+    """Remove the partial downloads (blobs/*.incomplete) that a killed run left in `model`'s cache folder
+    and that nothing has written to for STALE_PARTIAL_S; returns the bytes freed. huggingface_hub names
+    each attempt's file anew and never takes an old one up again: left alone, every interrupted run
+    would keep up to a shard (about 4 GB) per download thread on the disk."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    blobs = Path(hub.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=model, repo_type="model") / "blobs"
+    now, freed, count = time.time(), 0, 0
+    for p in blobs.glob("*.incomplete") if blobs.is_dir() else ():
+        try:
+            st = p.stat()
+            if now - st.st_mtime > STALE_PARTIAL_S:
+                p.unlink()
+                freed, count = freed + st.st_size, count + 1
+        except FileNotFoundError:  # finished or removed meanwhile by another run
+            continue
+    if count and log is not None:
+        log(f"{model}: removed {count} partial download(s) of an interrupted run ({freed / 1e9:.2f} GB) from {blobs}; "
+            "huggingface_hub fetches those files again from their start")
+    return freed
 
 
 def check_room(hub, model: str, revision: str | None, commit: str, files, path: Path) -> None:
