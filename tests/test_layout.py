@@ -134,12 +134,17 @@ def test_no_private_name_is_imported_from_another_module():
     assert not found, "private names used across modules: " + "; ".join(found)
 
 
+def python(code: str) -> subprocess.CompletedProcess:
+    """`code` run by a fresh interpreter in the repository's root (nothing imported yet), its output kept."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+
+
 def test_help_answers_without_torch():
     code = ("import sys\n"
             "from worldpm_lite.cli import build_parser\n"
             "build_parser().format_help()  # every command's flags are added here\n"
             "print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'ray', 'numpy') if m in sys.modules))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    res = python(code)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
     res = subprocess.run([sys.executable, "-m", "worldpm_lite", "--help"], capture_output=True, text=True)
@@ -166,7 +171,7 @@ def test_bad_input_is_one_line_and_a_bug_is_a_traceback(monkeypatch, tmp_path, c
             "def bug(args):\n    raise ValueError('a bug inside torch')\n"
             "plan.run = bug\n"
             "sys.exit(cli.main(['plan', '--model', 'worldpm-72b', '--gpus', '24GiB']))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = python(code)
     assert res.returncode == 1 and "Traceback" in res.stderr and "ValueError: a bug inside torch" in res.stderr
 
 
@@ -184,5 +189,5 @@ def test_the_public_import_paths_of_the_readme_work():
             "from worldpm_lite import Scorer\nfrom worldpm_lite.scorer import Scorer as S\n"
             "from worldpm_lite.trl import WorldPMReward\n"
             "assert Scorer is S and callable(Scorer.from_pretrained) and callable(WorldPMReward)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    res = python(code)
     assert res.returncode == 0, res.stderr

@@ -166,7 +166,6 @@ def checked(blocks: list[dict], checks: list[dict]) -> list[dict]:
     return out
 
 
-
 def fingerprint(files: list[Path]) -> list[dict]:
     return [{"file": str(f), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
 
@@ -174,17 +173,13 @@ def fingerprint(files: list[Path]) -> list[dict]:
 def destination(output: str) -> tuple[Path, Path | None]:
     """(the parts folder, the single output file or None)."""
     out = Path(output)
-    if output.endswith(("/", os.sep)) or out.is_dir():
-        if not out.absolute().parent.is_dir():
-            raise RequestError(f"--output {output}: folder {out.absolute().parent} does not exist")
-        return out, None
-    if out.suffix not in (".jsonl", *PARQUET):
+    folder = output.endswith(("/", os.sep)) or out.is_dir()
+    if not folder and out.suffix not in (".jsonl", *PARQUET):
         raise RequestError(f"--output {output}: expected a .jsonl or .parquet file name, or a folder (ending in /) "
                            "for part files")
     if not out.absolute().parent.is_dir():
         raise RequestError(f"--output {output}: folder {out.absolute().parent} does not exist")
-    return out.with_name(f".{out.name}.parts"), out
-
+    return (out, None) if folder else (out.with_name(f".{out.name}.parts"), out)
 
 
 def merge(folder: Path, names: list[str], final: Path) -> None:

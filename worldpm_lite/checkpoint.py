@@ -208,15 +208,20 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def shard_files(folder: str | Path) -> list[str]:
+    """The weight shards of a model folder, sorted: those its shard index names, else model.safetensors."""
+    index = Path(folder) / INDEX_FILE
+    if not index.is_file():
+        return [SINGLE_FILE]
+    return sorted(set(_read_json(index, "the shard index").get("weight_map", {}).values()))
+
+
 def weight_stamps(folder: str | Path) -> dict[str, list[int]]:
     """Each weight shard's size and modification time (ns) in a model folder: what a resumed run checks
     the model by. Reading every byte of a 143 GB checkpoint to hash it would take minutes; a replaced
     or rewritten shard changes one of these (in a hub cache, a shard links to its blob: the blob's)."""
     folder = Path(folder)
-    index = folder / INDEX_FILE
-    shards = set(_read_json(index, "the shard index").get("weight_map", {}).values()) if index.is_file() else {
-        SINGLE_FILE}
-    return {f: [st.st_size, st.st_mtime_ns] for f in sorted(shards) if (folder / f).is_file()
+    return {f: [st.st_size, st.st_mtime_ns] for f in shard_files(folder) if (folder / f).is_file()
             for st in [(folder / f).stat()]}
 
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .chat import TOKENIZER_FILES
-from .checkpoint import HEAD, INDEX_FILE, SINGLE_FILE
+from .checkpoint import HEAD, INDEX_FILE, shard_files
 from .errors import InputError, NotFound, UsageError
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -75,10 +75,7 @@ def _hub():
 def model_files(path: Path) -> list[str]:
     """What a scoring command reads from the repo whose config.json (and shard index) are in `path`:
     those, the tokenizer files and the shards the index names (else model.safetensors)."""
-    index = path / INDEX_FILE
-    shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values())) if index.is_file() else [
-        SINGLE_FILE]
-    return [*CONFIG_FILES, *TOKENIZER_FILES, *shards]
+    return [*CONFIG_FILES, *TOKENIZER_FILES, *shard_files(path)]
 
 
 def _download(hub, model: str, revision: str | None, files, commit: str | None = None) -> Path:
